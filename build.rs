@@ -1,0 +1,45 @@
+//! Link-time fixes for libtorch that tch's own build script cannot express.
+//!
+//! 1. Keep `libtorch_cuda.so` as a dependency of the binary. Nothing in our code
+//!    references a symbol of it directly, so with the default `--as-needed` the
+//!    linker drops it and CUDA is never registered at run time: the binary would
+//!    silently run on CPU on a GPU machine. `--no-as-needed` around
+//!    `-ltorch_cuda` keeps it; `tests/binary.rs` checks `readelf -d` lists it.
+//! 2. Record the libtorch folder as a run path (RUNPATH, so `LD_LIBRARY_PATH`
+//!    still wins: on the GPU machines and in the Docker image the libraries live
+//!    elsewhere), so a binary built here runs without any environment set-up.
+//! 3. Expose the libtorch version string to the code for `/api/v1/model`.
+
+use std::env;
+use std::fs;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    // Set by torch-sys (`links = "tch"`, `cargo:libtorch_lib=...`).
+    let lib = PathBuf::from(
+        env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report its libtorch folder (DEP_TCH_LIBTORCH_LIB)"),
+    );
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-search=native={}", lib.display());
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        println!("cargo:rustc-env=STEREO_RECON_LINKED_CUDA=1");
+    } else {
+        println!("cargo:rustc-env=STEREO_RECON_LINKED_CUDA=0");
+    }
+    println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+
+    // PyPI's torch keeps `version.py` next to `lib/`; a plain libtorch zip has `build-version`.
+    let root = lib.parent().map(PathBuf::from).unwrap_or_default();
+    let version = fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_owned()))
+        })
+        .or_else(|| fs::read_to_string(root.join("build-version")).ok().map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=STEREO_RECON_LIBTORCH_VERSION={version}");
+}
