@@ -1,0 +1,191 @@
+//! The API's error type: every failure a client can cause or meet, one status each.
+//!
+//! Errors answer `{"error": {"code": "...", "message": "..."}}`. `code` is a
+//! stable machine-readable word; `message` is plain language for a person.
+//! Internal details (libtorch messages, panics) are logged, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::decode::DecodeError;
+use crate::engine::{EngineError, SizeMismatch};
+
+/// Which upload a per-image error is about.
+pub type FieldName = &'static str;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the request has no '{0}' image (send both 'left' and 'right')")]
+    MissingField(FieldName),
+    #[error("the '{0}' image was sent more than once")]
+    DuplicateField(FieldName),
+    #[error("unexpected field '{0}': send the images as 'left' and 'right'")]
+    UnexpectedField(String),
+    #[error("the '{field}' image: {source}")]
+    Image { field: FieldName, source: DecodeError },
+    #[error("{0}")]
+    SizeMismatch(#[from] SizeMismatch),
+    #[error("the '{0}' field is not valid base64")]
+    InvalidBase64(FieldName),
+    #[error("the JSON body is invalid: {0}")]
+    InvalidJson(String),
+    #[error("the multipart body is invalid: {0}")]
+    InvalidMultipart(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("the request body is over the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("unsupported content type '{0}': send multipart/form-data or application/json")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    #[error("no such endpoint: {0}")]
+    NotFound(String),
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The one place that maps errors to HTTP statuses.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MissingField(_)
+            | ApiError::DuplicateField(_)
+            | ApiError::UnexpectedField(_)
+            | ApiError::SizeMismatch(_)
+            | ApiError::InvalidBase64(_)
+            | ApiError::InvalidJson(_)
+            | ApiError::InvalidMultipart(_)
+            | ApiError::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::Image { source, .. } => match source {
+                DecodeError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                DecodeError::UnsupportedFormat(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                DecodeError::Empty | DecodeError::UnknownFormat | DecodeError::Corrupt(_) => StatusCode::BAD_REQUEST,
+            },
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Engine(e) => match e {
+                EngineError::NotReady
+                | EngineError::QueueFull { .. }
+                | EngineError::Stopped
+                | EngineError::Load(_)
+                | EngineError::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
+                EngineError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MissingField(_) => "missing_field",
+            ApiError::DuplicateField(_) => "duplicate_field",
+            ApiError::UnexpectedField(_) => "unexpected_field",
+            ApiError::Image { source, .. } => match source {
+                DecodeError::Empty => "empty_image",
+                DecodeError::UnknownFormat | DecodeError::Corrupt(_) => "invalid_image",
+                DecodeError::UnsupportedFormat(_) => "unsupported_image_format",
+                DecodeError::TooManyPixels { .. } => "too_many_pixels",
+            },
+            ApiError::SizeMismatch(_) => "size_mismatch",
+            ApiError::InvalidBase64(_) => "invalid_base64",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidMultipart(_) => "invalid_multipart",
+            ApiError::InvalidQuery(_) => "invalid_query",
+            ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Engine(e) => match e {
+                EngineError::NotReady => "model_loading",
+                EngineError::QueueFull { .. } => "queue_full",
+                EngineError::Stopped | EngineError::Load(_) => "engine_unavailable",
+                EngineError::OutOfMemory(_) => "out_of_memory",
+                EngineError::Inference(_) => "inference_failed",
+            },
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// What the client is told. Server-side failures get a generic sentence;
+    /// their detail goes to the log.
+    fn public_message(&self) -> String {
+        match self {
+            ApiError::Engine(EngineError::Inference(_)) => {
+                "inference failed on the server; the error was logged. Try again, or with a smaller image.".into()
+            }
+            ApiError::Engine(EngineError::OutOfMemory(_)) => {
+                "the server ran out of memory for this image; try a smaller image or retry shortly".into()
+            }
+            ApiError::Engine(EngineError::QueueFull { .. }) => {
+                "the server is busy: too many requests are waiting; retry after the Retry-After delay".into()
+            }
+            ApiError::Engine(EngineError::Load(_) | EngineError::Stopped) => {
+                "the model is unavailable on this server; the error was logged".into()
+            }
+            ApiError::Internal(_) => "internal server error; the error was logged".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for the 503s that pass.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::Engine(EngineError::QueueFull { retry_after_secs, .. }) => Some(*retry_after_secs),
+            ApiError::Engine(EngineError::NotReady | EngineError::OutOfMemory(_)) => Some(5),
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), detail = %self, "request failed");
+        } else {
+            tracing::debug!(code = self.code(), detail = %self, "request refused");
+        }
+        let body = json!({ "error": { "code": self.code(), "message": self.public_message() } });
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after() {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_details_are_not_leaked() {
+        let e = ApiError::Engine(EngineError::Inference("CUDA kernel crashed at 0xdeadbeef".into()));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.public_message().contains("0xdeadbeef"));
+    }
+
+    #[test]
+    fn decode_errors_map_to_distinct_statuses() {
+        let image = |source| ApiError::Image { field: "left", source };
+        assert_eq!(image(DecodeError::Empty).status(), StatusCode::BAD_REQUEST);
+        assert_eq!(image(DecodeError::UnsupportedFormat("GIF".into())).status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let big = DecodeError::TooManyPixels { width: 9, height: 9, pixels: 81, limit: 80 };
+        assert_eq!(image(big).status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn queue_full_says_when_to_retry() {
+        let response = ApiError::Engine(EngineError::QueueFull { depth: 2, retry_after_secs: 7 }).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+    }
+}

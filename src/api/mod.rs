@@ -1,0 +1,125 @@
+//! HTTP surface: routes, shared state, request logging.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /` | the upload page |
+//! | `POST /api/v1/disparity` | a pair in, a disparity map out ([`disparity`]) |
+//! | `GET /api/v1/health` | 200 once the model is loaded and warmed up, 503 before |
+//! | `GET /api/v1/model` | what model runs where, and the input constraints |
+//! | `GET /api/v1/examples` | sample pairs shipped in `data/` |
+//! | `GET /static/*`, `GET /data/*` | page assets, sample images |
+
+pub mod disparity;
+pub mod error;
+mod info;
+pub use info::{list_examples as examples_in, Example};
+pub mod upload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::services::ServeDir;
+use tracing::Instrument;
+
+use crate::engine::{Engine, EngineStatus, ModelInfo};
+pub use error::ApiError;
+
+/// Limits on what a client may send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body in bytes (both images together, after base64 for JSON).
+    pub max_upload_bytes: usize,
+    /// Largest image, in pixels, per image.
+    pub max_pixels: u64,
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub limits: Limits,
+    /// Folder served at `/static` (CSS, JS).
+    pub static_dir: PathBuf,
+    /// Folder served at `/data` (sample pairs).
+    pub data_dir: PathBuf,
+}
+
+impl AppState {
+    /// The loaded model's description, once the engine is ready.
+    pub fn model_info(&self) -> Option<Arc<ModelInfo>> {
+        match self.engine.status() {
+            EngineStatus::Ready(info) => Some(info),
+            _ => None,
+        }
+    }
+}
+
+/// When the request reached the server; the disparity handler reports its
+/// total time from here.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestStart(pub Instant);
+
+/// The whole application as a router, ready for `axum::serve` or `oneshot` in tests.
+pub fn router(state: AppState) -> Router {
+    let static_files = ServeDir::new(&state.static_dir);
+    let data_files = ServeDir::new(&state.data_dir);
+    // Multipart framing adds a little to the images; the upload reader enforces
+    // the exact limit, this only stops axum's own default (2 MB) from applying.
+    let body_limit = DefaultBodyLimit::max(state.limits.max_upload_bytes);
+    Router::new()
+        .route("/", get(crate::page::index))
+        .route("/api/v1/disparity", post(disparity::disparity).layer(body_limit))
+        .route("/api/v1/health", get(info::health))
+        .route("/api/v1/model", get(info::model))
+        .route("/api/v1/examples", get(info::examples))
+        .nest_service("/static", static_files)
+        .nest_service("/data", data_files)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound(request.uri().path().to_owned())
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed(request.method().to_string())
+}
+
+/// Stamps the start time and writes exactly one log line per request, with the
+/// phase timings when the handler reported them.
+async fn log_request(mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    request.extensions_mut().insert(RequestStart(started));
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        size = tracing::field::Empty,
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match response.extensions().get::<disparity::Timings>() {
+        Some(t) => tracing::info!(
+            parent: &span,
+            status,
+            decode_ms = t.decode_ms,
+            queue_ms = t.queue_ms,
+            inference_ms = t.inference_ms,
+            encode_ms = t.encode_ms,
+            total_ms = t.total_ms,
+            "request done"
+        ),
+        None => tracing::info!(parent: &span, status, total_ms = (total_ms * 10.0).round() / 10.0, "request done"),
+    }
+    response.into_response()
+}

@@ -1,0 +1,136 @@
+//! Reading the two uploaded images out of a request body.
+//!
+//! Two encodings are accepted, chosen by `Content-Type`:
+//! - `multipart/form-data` with file fields `left` and `right` (browsers, curl -F);
+//! - `application/json` `{"left": "<base64>", "right": "<base64>"}` (scripts);
+//!   a `data:image/...;base64,` prefix and line breaks in the base64 are tolerated.
+//!
+//! Only bytes come out of here; decoding happens elsewhere, off the async threads.
+
+use axum::body::Body;
+use axum::extract::multipart::{Multipart, MultipartError, MultipartRejection};
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, StatusCode};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::error::{ApiError, FieldName};
+
+/// The raw bytes of both images, as uploaded.
+#[derive(Debug)]
+pub struct UploadedPair {
+    pub left: Bytes,
+    pub right: Bytes,
+}
+
+const FIELDS: [FieldName; 2] = ["left", "right"];
+
+/// Reads `left` and `right` from `request`, refusing bodies over `limit` bytes.
+pub async fn read_pair(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
+    let content_type =
+        request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    // A declared length over the limit is refused before reading anything.
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "multipart/form-data" => read_multipart(request, limit).await,
+        "application/json" => read_json(request.into_body(), limit).await,
+        "" => Err(ApiError::UnsupportedMediaType("(none)".into())),
+        _ => Err(ApiError::UnsupportedMediaType(content_type)),
+    }
+}
+
+async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
+    let mut multipart = Multipart::from_request(request, &())
+        .await
+        .map_err(|e: MultipartRejection| ApiError::InvalidMultipart(e.body_text()))?;
+    let mut left = None;
+    let mut right = None;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e, limit)),
+        };
+        let name = field.name().unwrap_or("").to_owned();
+        let slot = match name.as_str() {
+            "left" => &mut left,
+            "right" => &mut right,
+            _ => return Err(ApiError::UnexpectedField(name)),
+        };
+        let field_name = FIELDS.iter().copied().find(|f| *f == name).expect("matched above");
+        if slot.is_some() {
+            return Err(ApiError::DuplicateField(field_name));
+        }
+        *slot = Some(field.bytes().await.map_err(|e| multipart_error(e, limit))?);
+    }
+    Ok(UploadedPair {
+        left: left.ok_or(ApiError::MissingField("left"))?,
+        right: right.ok_or(ApiError::MissingField("right"))?,
+    })
+}
+
+fn multipart_error(e: MultipartError, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::BodyTooLarge { limit }
+    } else {
+        ApiError::InvalidMultipart(e.body_text())
+    }
+}
+
+#[derive(Deserialize)]
+struct JsonPair {
+    left: Option<String>,
+    right: Option<String>,
+    #[serde(flatten)]
+    other: serde_json::Map<String, serde_json::Value>,
+}
+
+async fn read_json(body: Body, limit: usize) -> Result<UploadedPair, ApiError> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // to_bytes reports a length-limit breach as its source error.
+        let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over {
+            ApiError::BodyTooLarge { limit }
+        } else {
+            ApiError::InvalidJson(format!("could not read the body: {e}"))
+        }
+    })?;
+    let parsed: JsonPair = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    if let Some(name) = parsed.other.keys().next() {
+        return Err(ApiError::UnexpectedField(name.clone()));
+    }
+    let left = parsed.left.ok_or(ApiError::MissingField("left"))?;
+    let right = parsed.right.ok_or(ApiError::MissingField("right"))?;
+    Ok(UploadedPair { left: decode_base64(&left, "left")?, right: decode_base64(&right, "right")? })
+}
+
+/// Standard base64, with an optional data-URL prefix and embedded whitespace.
+pub fn decode_base64(text: &str, field: FieldName) -> Result<Bytes, ApiError> {
+    let payload = match text.split_once(";base64,") {
+        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
+        _ => text,
+    };
+    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map(Bytes::from)
+        .map_err(|_| ApiError::InvalidBase64(field))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_accepts_data_urls_and_line_breaks() {
+        assert_eq!(&decode_base64("aGVsbG8=", "left").unwrap()[..], b"hello");
+        assert_eq!(&decode_base64("data:image/png;base64,aGVs\nbG8=", "left").unwrap()[..], b"hello");
+        assert!(matches!(decode_base64("not base64!!", "right"), Err(ApiError::InvalidBase64("right"))));
+    }
+}

@@ -1,0 +1,100 @@
+//! Command line and environment configuration (one clap tree; every option
+//! also reads an environment variable, which is how the Docker image is set up).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::{DeviceChoice, EngineConfig};
+
+/// PSMNet stereo disparity: a web service, and the same engine on the command line.
+#[derive(Debug, Parser)]
+#[command(name = "stereo-recon", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the upload page and the JSON API.
+    Serve(Config),
+    /// Compute the disparity of one rectified pair and write it to a file.
+    Predict(PredictArgs),
+    /// Render the synthetic sample scene (images, exact disparity, calibration) into a folder.
+    RenderSynthetic(RenderArgs),
+}
+
+/// Where the model is and how it runs; shared by every command that infers.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// TorchScript model produced by the set-up (its .json metadata must sit beside it).
+    #[arg(long = "model", env = "STEREO_RECON_MODEL", default_value = "models/psmnet_kitti2015.pt")]
+    pub model_path: PathBuf,
+    /// Device to run on: auto (CUDA when usable, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "STEREO_RECON_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    /// libtorch CPU threads for one inference; 0 uses every core.
+    #[arg(long, env = "STEREO_RECON_THREADS", default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    pub fn engine_config(&self, queue_depth: usize) -> EngineConfig {
+        EngineConfig { model_path: self.model_path.clone(), device: self.device, queue_depth, threads: self.threads }
+    }
+}
+
+/// Server configuration.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "STEREO_RECON_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// TCP port to listen on.
+    #[arg(long, env = "STEREO_RECON_PORT", default_value_t = 5000)]
+    pub port: u16,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Largest request body in bytes (both images; base64 JSON counts encoded).
+    #[arg(long, env = "STEREO_RECON_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_upload_bytes: usize,
+    /// Largest image in pixels (width x height), per image. Memory grows with
+    /// it: PSMNet's cost volume needs about 3 KB per pixel at the full 192 disparities.
+    #[arg(long, env = "STEREO_RECON_MAX_PIXELS", default_value_t = 2_100_000)]
+    pub max_pixels: u64,
+    /// Requests allowed to wait while one is computed; further requests get 503 at once.
+    #[arg(long, env = "STEREO_RECON_QUEUE_DEPTH", default_value_t = 4)]
+    pub queue_depth: usize,
+    /// Folder with the page's CSS and JavaScript.
+    #[arg(long, env = "STEREO_RECON_STATIC_DIR", default_value = "static")]
+    pub static_dir: PathBuf,
+    /// Folder with the sample pairs offered on the page.
+    #[arg(long, env = "STEREO_RECON_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+}
+
+/// `predict`: one pair through the same engine as the server.
+#[derive(Debug, Clone, Args)]
+pub struct PredictArgs {
+    /// Left image of the rectified pair.
+    pub left: PathBuf,
+    /// Right image of the rectified pair.
+    pub right: PathBuf,
+    /// Output file: .pfm writes float32 PFM, .png writes a KITTI 16-bit PNG.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Also write a colourised PNG here, for looking at.
+    #[arg(long)]
+    pub color: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// `render-synthetic`: regenerate the sample scene shipped in `data/`.
+#[derive(Debug, Clone, Args)]
+pub struct RenderArgs {
+    /// Folder to write left.png, right.png, disp_gt.pfm and the calibration files into.
+    pub output: PathBuf,
+}

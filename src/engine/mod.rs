@@ -1,0 +1,240 @@
+//! The inference engine: one OS thread that owns the TorchScript model.
+//!
+//! libtorch work is synchronous and heavy, and a GPU serves one forward pass
+//! at a time best, so the model lives on a single dedicated thread (the design
+//! of text-embeddings-inference's backend thread). Requests reach it through a
+//! bounded channel carrying the input pair, a oneshot reply and the request's
+//! tracing span. When the channel is full, [`Engine::predict`] fails at once
+//! with [`EngineError::QueueFull`] instead of letting requests pile up; a job
+//! whose client has gone away by the time it is taken is skipped.
+//!
+//! This module knows nothing of HTTP: the API layer maps [`EngineError`] to
+//! status codes.
+
+mod model;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image::Rgb32FImage;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Span;
+
+use crate::disparity::DisparityMap;
+pub use model::{DeviceChoice, ExportMetadata};
+
+/// Everything the engine thread needs to load and run the model.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The exported TorchScript file; its `.json` sidecar must sit beside it.
+    pub model_path: PathBuf,
+    pub device: DeviceChoice,
+    /// How many requests may wait while one runs; more are refused at once.
+    pub queue_depth: usize,
+    /// libtorch intra-op threads on CPU; 0 keeps libtorch's default (all cores).
+    pub threads: usize,
+}
+
+/// A rectified stereo pair, both images the same size, RGB in [0, 1].
+#[derive(Debug, Clone)]
+pub struct StereoPair {
+    left: Rgb32FImage,
+    right: Rgb32FImage,
+}
+
+/// The two images of a pair differ in size.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("left image is {left_width}x{left_height} but right image is {right_width}x{right_height}; a rectified pair has one size")]
+pub struct SizeMismatch {
+    pub left_width: u32,
+    pub left_height: u32,
+    pub right_width: u32,
+    pub right_height: u32,
+}
+
+impl StereoPair {
+    pub fn new(left: Rgb32FImage, right: Rgb32FImage) -> Result<Self, SizeMismatch> {
+        if left.dimensions() != right.dimensions() {
+            return Err(SizeMismatch {
+                left_width: left.width(),
+                left_height: left.height(),
+                right_width: right.width(),
+                right_height: right.height(),
+            });
+        }
+        Ok(Self { left, right })
+    }
+
+    pub fn left(&self) -> &Rgb32FImage {
+        &self.left
+    }
+
+    pub fn right(&self) -> &Rgb32FImage {
+        &self.right
+    }
+
+    pub fn dimensions(&self) -> (u32, u32) {
+        self.left.dimensions()
+    }
+}
+
+/// A finished prediction and where its time went.
+#[derive(Debug)]
+pub struct Prediction {
+    pub disparity: DisparityMap,
+    /// Time spent waiting in the queue.
+    pub queue: Duration,
+    /// Preprocessing, forward pass, copy back and crop, on the engine thread.
+    pub inference: Duration,
+}
+
+/// What the loaded model is, for `/api/v1/model` and the page.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub description: String,
+    pub weights_sha256: String,
+    pub model_file: String,
+    pub model_file_sha256: String,
+    pub parameters: u64,
+    pub maxdisp: u32,
+    pub device: String,
+    pub libtorch_version: String,
+    pub exported_with_torch: String,
+    pub cuda_linked: bool,
+    pub cuda_available: bool,
+    pub precision: String,
+    pub size_multiple: u32,
+    pub min_size: u32,
+}
+
+/// Where the engine stands; published through a watch channel.
+#[derive(Debug, Clone)]
+pub enum EngineStatus {
+    /// Loading the model or running the warm-up pass.
+    Loading,
+    Ready(Arc<ModelInfo>),
+    /// The model could not be loaded; the engine will never serve.
+    Failed(String),
+}
+
+/// Why a prediction failed. Knows nothing of HTTP.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    #[error("the model is still loading")]
+    NotReady,
+    #[error("the inference queue is full ({depth} waiting)")]
+    QueueFull { depth: usize, retry_after_secs: u64 },
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("the model could not be loaded: {0}")]
+    Load(String),
+    #[error("the device ran out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+struct Job {
+    pair: StereoPair,
+    reply: oneshot::Sender<Result<Prediction, EngineError>>,
+    span: Span,
+    enqueued: Instant,
+}
+
+/// Cheap, cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    status: watch::Receiver<EngineStatus>,
+    queue_depth: usize,
+    /// Moving average of recent inference times in ms, kept by the engine thread.
+    average_inference_ms: Arc<AtomicU64>,
+}
+
+impl Engine {
+    /// Spawns the engine thread; it loads the model and warms it up in the
+    /// background, so the caller can start serving (health says 503) at once.
+    pub fn start(config: EngineConfig) -> std::io::Result<Engine> {
+        let queue_depth = config.queue_depth.max(1);
+        let (jobs, receiver) = mpsc::channel(queue_depth);
+        let (status_tx, status) = watch::channel(EngineStatus::Loading);
+        let average_inference_ms = Arc::new(AtomicU64::new(0));
+        let average = average_inference_ms.clone();
+        std::thread::Builder::new()
+            .name("psmnet-engine".into())
+            .spawn(move || model::run_engine(config, receiver, status_tx, average))?;
+        Ok(Engine { jobs, status, queue_depth, average_inference_ms })
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until the model is loaded and warmed up (or failed to load).
+    pub async fn wait_ready(&self) -> Result<Arc<ModelInfo>, EngineError> {
+        let mut status = self.status.clone();
+        loop {
+            match &*status.borrow_and_update() {
+                EngineStatus::Ready(info) => return Ok(info.clone()),
+                EngineStatus::Failed(why) => return Err(EngineError::Load(why.clone())),
+                EngineStatus::Loading => {}
+            }
+            if status.changed().await.is_err() {
+                return Err(EngineError::Stopped);
+            }
+        }
+    }
+
+    /// Queues `pair` and waits for its disparity. Fails at once with
+    /// `QueueFull` when `queue_depth` requests are already waiting.
+    ///
+    /// Dropping the returned future (client gone) makes the engine skip the job
+    /// if it has not started yet.
+    pub async fn predict(&self, pair: StereoPair) -> Result<Prediction, EngineError> {
+        match &*self.status.borrow() {
+            EngineStatus::Ready(_) => {}
+            EngineStatus::Loading => return Err(EngineError::NotReady),
+            EngineStatus::Failed(why) => return Err(EngineError::Load(why.clone())),
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job { pair, reply, span: Span::current(), enqueued: Instant::now() };
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                EngineError::QueueFull { depth: self.queue_depth, retry_after_secs: self.estimated_drain_secs() }
+            }
+            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+        })?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Jobs waiting now (not counting the one running).
+    pub fn queued(&self) -> usize {
+        self.queue_depth - self.jobs.capacity()
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue_depth
+    }
+
+    /// Rough seconds until a queue slot frees: a full queue plus the running job.
+    fn estimated_drain_secs(&self) -> u64 {
+        let per_job_ms = self.average_inference_ms.load(Ordering::Relaxed);
+        (per_job_ms * (self.queue_depth as u64 + 1)).div_ceil(1000).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_requires_equal_sizes() {
+        let err = StereoPair::new(Rgb32FImage::new(4, 3), Rgb32FImage::new(4, 2)).unwrap_err();
+        assert_eq!(err.to_string(), "left image is 4x3 but right image is 4x2; a rectified pair has one size");
+        assert_eq!(StereoPair::new(Rgb32FImage::new(4, 3), Rgb32FImage::new(4, 3)).unwrap().dimensions(), (4, 3));
+    }
+}

@@ -1,0 +1,308 @@
+//! The TorchScript PSMNet on its device, and the engine thread's loop.
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tch::{CModule, Device, Kind, Tensor};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use super::{EngineConfig, EngineError, EngineStatus, Job, ModelInfo, Prediction, StereoPair};
+use crate::disparity::DisparityMap;
+use crate::preprocess::{crop, normalise_and_pad, PadRule};
+
+/// Which device the model runs on, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The first CUDA device if one is usable, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}': expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => write!(f, "auto"),
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The concrete device, or why it cannot be used here.
+    fn resolve(self) -> Result<Device, String> {
+        let cuda_count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto if cuda_count > 0 => Ok(Device::Cuda(0)),
+            DeviceChoice::Auto => Ok(Device::Cpu),
+            DeviceChoice::Cuda(n) if n < cuda_count => Ok(Device::Cuda(n)),
+            DeviceChoice::Cuda(n) => Err(format!(
+                "device cuda:{n} was asked for but {cuda_count} CUDA device(s) are usable{}",
+                if crate::CUDA_LINKED { "" } else { " (this binary was built without libtorch_cuda)" }
+            )),
+        }
+    }
+}
+
+/// The JSON sidecar `models/export.py` writes next to the TorchScript file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExportMetadata {
+    pub name: String,
+    pub checkpoint: String,
+    pub weights_sha256: String,
+    pub model_file_sha256: String,
+    pub parameters: u64,
+    pub maxdisp: u32,
+    pub size_multiple: u32,
+    pub min_size: u32,
+    pub align_corners: bool,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub torch_version: String,
+}
+
+impl ExportMetadata {
+    /// Reads the sidecar of `model_path` (same name, `.json`).
+    pub fn read_for(model_path: &Path) -> Result<Self, String> {
+        let path = model_path.with_extension("json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read model metadata {}: {e} (re-run the export)", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Refuses a model exported with preprocessing or size rules other than ours:
+    /// it would load and run, and silently give wrong disparities.
+    fn check_compatible(&self) -> Result<(), String> {
+        let rule = PadRule::PSMNET;
+        let same = |a: [f32; 3], b: [f32; 3]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        if self.size_multiple != rule.multiple
+            || self.min_size != rule.min_size
+            || !same(self.mean, crate::preprocess::IMAGENET_MEAN)
+            || !same(self.std, crate::preprocess::IMAGENET_STD)
+        {
+            return Err(format!(
+                "model metadata does not match this server's preprocessing (multiple {}, min {}, mean {:?}, std {:?})",
+                self.size_multiple, self.min_size, self.mean, self.std
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn file_sha256(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+/// PSMNet loaded on its device. Lives on the engine thread only.
+struct StereoModel {
+    module: CModule,
+    device: Device,
+    rule: PadRule,
+    info: ModelInfo,
+}
+
+impl StereoModel {
+    fn load(config: &EngineConfig) -> Result<Self, String> {
+        let path = &config.model_path;
+        if !path.is_file() {
+            return Err(format!("model file {} not found (produce it with the set-up: make model)", path.display()));
+        }
+        let meta = ExportMetadata::read_for(path)?;
+        meta.check_compatible()?;
+        let actual_sha = file_sha256(path)?;
+        if actual_sha != meta.model_file_sha256 {
+            return Err(format!(
+                "{} has sha256 {actual_sha} but its metadata says {}; the two are from different exports",
+                path.display(),
+                meta.model_file_sha256
+            ));
+        }
+        if config.threads > 0 {
+            tch::set_num_threads(config.threads as i32);
+        }
+        let device = config.device.resolve()?;
+        if device.is_cuda() {
+            // Input sizes repeat (padded to multiples of 16), so autotuning pays off.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let mut module =
+            CModule::load_on_device(path, device).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+        module.set_eval();
+        let info = ModelInfo {
+            name: "psmnet-kitti2015".into(),
+            description: meta.name.clone(),
+            weights_sha256: meta.weights_sha256.clone(),
+            model_file: path.display().to_string(),
+            model_file_sha256: actual_sha,
+            parameters: meta.parameters,
+            maxdisp: meta.maxdisp,
+            device: device_name(device),
+            libtorch_version: crate::LIBTORCH_VERSION.into(),
+            exported_with_torch: meta.torch_version.clone(),
+            cuda_linked: crate::CUDA_LINKED,
+            cuda_available: tch::Cuda::is_available(),
+            precision: "fp32".into(),
+            size_multiple: meta.size_multiple,
+            min_size: meta.min_size,
+        };
+        Ok(StereoModel { module, device, rule: PadRule::PSMNET, info })
+    }
+
+    /// Disparity of `pair`'s left image. Every libtorch call is the fallible
+    /// variant, so a failure becomes an error for this request only.
+    fn predict(&self, pair: &StereoPair) -> Result<DisparityMap, EngineError> {
+        let _no_grad = tch::no_grad_guard();
+        let (width, height) = pair.dimensions();
+        let geometry = self.rule.geometry(width, height);
+        let shape = [1, 3, i64::from(geometry.padded_height), i64::from(geometry.padded_width)];
+        let to_input = |image| -> Result<Tensor, tch::TchError> {
+            Tensor::f_from_slice(&normalise_and_pad(image, &geometry))?.f_view(shape)?.f_to_device(self.device)
+        };
+        let left = to_input(pair.left()).map_err(torch_error)?;
+        let right = to_input(pair.right()).map_err(torch_error)?;
+        let output = self.module.forward_ts(&[left, right]).map_err(torch_error)?;
+        let flat = output
+            .f_to_kind(Kind::Float)
+            .and_then(|t| t.f_to_device(Device::Cpu))
+            .and_then(|t| t.f_reshape([-1]))
+            .and_then(|t| Vec::<f32>::try_from(&t))
+            .map_err(torch_error)?;
+        if flat.len() != geometry.padded_len() {
+            return Err(EngineError::Inference(format!(
+                "network returned {} values for a {}x{} input",
+                flat.len(),
+                geometry.padded_width,
+                geometry.padded_height
+            )));
+        }
+        let values = crop(&flat, &geometry);
+        Ok(DisparityMap::new(width, height, values).expect("crop yields one value per pixel"))
+    }
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn torch_error(e: tch::TchError) -> EngineError {
+    let text = e.to_string();
+    // Keep only the first line: libtorch appends long C++ backtraces.
+    let first = text.lines().next().unwrap_or("libtorch error").to_owned();
+    if text.contains("out of memory") || text.contains("CUDA error: out of memory") {
+        EngineError::OutOfMemory(first)
+    } else {
+        EngineError::Inference(first)
+    }
+}
+
+/// Body of the engine thread: load, warm up, then serve jobs until every
+/// [`Engine`](super::Engine) handle is dropped.
+pub(super) fn run_engine(
+    config: EngineConfig,
+    mut jobs: mpsc::Receiver<Job>,
+    status: watch::Sender<EngineStatus>,
+    average_inference_ms: Arc<AtomicU64>,
+) {
+    let started = Instant::now();
+    let model = match StereoModel::load(&config) {
+        Ok(model) => model,
+        Err(why) => {
+            error!(%why, "model failed to load");
+            status.send_replace(EngineStatus::Failed(why));
+            return;
+        }
+    };
+    info!(device = %model.info.device, model = %config.model_path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "model loaded");
+
+    // One pass at the smallest input: allocates buffers and, on CUDA, selects
+    // cuDNN algorithms, so the first real request is not the slow one.
+    let warmup_started = Instant::now();
+    let blank = image::Rgb32FImage::new(model.rule.min_size, model.rule.min_size);
+    let warmup = StereoPair::new(blank.clone(), blank).expect("same size");
+    match catch_unwind(AssertUnwindSafe(|| model.predict(&warmup))) {
+        Ok(Ok(_)) => info!(elapsed_ms = warmup_started.elapsed().as_millis() as u64, "warm-up pass done"),
+        Ok(Err(e)) => {
+            error!(error = %e, "warm-up pass failed");
+            status.send_replace(EngineStatus::Failed(format!("warm-up inference failed: {e}")));
+            return;
+        }
+        Err(_) => {
+            status.send_replace(EngineStatus::Failed("warm-up inference panicked".into()));
+            return;
+        }
+    }
+    status.send_replace(EngineStatus::Ready(Arc::new(model.info.clone())));
+
+    while let Some(job) = jobs.blocking_recv() {
+        let _span = job.span.enter();
+        if job.reply.is_closed() {
+            debug!("client went away while queued; skipping");
+            continue;
+        }
+        let queue = job.enqueued.elapsed();
+        let begun = Instant::now();
+        let result = match catch_unwind(AssertUnwindSafe(|| model.predict(&job.pair))) {
+            Ok(result) => result,
+            Err(_) => Err(EngineError::Inference("the inference code panicked".into())),
+        };
+        let inference = begun.elapsed();
+        // Exponential moving average, weight 1/4 on the newest job.
+        let ms = inference.as_millis() as u64;
+        let old = average_inference_ms.load(Ordering::Relaxed);
+        average_inference_ms.store(if old == 0 { ms } else { (3 * old + ms) / 4 }, Ordering::Relaxed);
+        if let Err(e) = &result {
+            warn!(error = %e, "inference failed");
+        }
+        // The receiver may have gone while we ran; nothing to do then.
+        let _ = job.reply.send(result.map(|disparity| Prediction { disparity, queue, inference }));
+    }
+    debug!("all engine handles dropped; engine thread exits");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_choices() {
+        assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+        assert_eq!("CPU".parse(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+}
