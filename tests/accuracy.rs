@@ -1,0 +1,103 @@
+//! Does the Rust service compute the right numbers? Known shifts, parity with
+//! the eager PyTorch reference, and the synthetic scene's exact ground truth.
+
+mod common;
+
+use common::*;
+use stereo_recon::codec::pfm;
+use stereo_recon::decode::decode_rgb;
+use stereo_recon::disparity::DisparityMap;
+use stereo_recon::engine::{Engine, StereoPair};
+
+fn pair_from_png(left: &[u8], right: &[u8]) -> StereoPair {
+    StereoPair::new(decode_rgb(left, u64::MAX).unwrap(), decode_rgb(right, u64::MAX).unwrap()).unwrap()
+}
+
+async fn predict(engine: &Engine, left: &[u8], right: &[u8]) -> DisparityMap {
+    engine.predict(pair_from_png(left, right)).await.expect("inference succeeds").disparity
+}
+
+#[tokio::test]
+async fn a_uniform_shift_gives_that_disparity_in_the_interior() {
+    let engine = ready_engine(1).await;
+    for shift in [9u32, 23] {
+        let (left, right) = shifted_pair(272, 256, shift);
+        let map = predict(&engine, &png(&left), &png(&right)).await;
+        // Interior: left pixels whose match lies inside the right image, away from borders.
+        let margin = 16;
+        let mut errors = Vec::new();
+        for y in margin..map.height() - margin {
+            for x in shift + margin..map.width() - margin {
+                errors.push((map.get(x, y) - shift as f32).abs());
+            }
+        }
+        let mean = errors.iter().sum::<f32>() / errors.len() as f32;
+        let within = errors.iter().filter(|e| **e <= 1.0).count() as f32 / errors.len() as f32;
+        println!("shift {shift}: mean |error| {mean:.3} px, {:.1} % within 1 px", within * 100.0);
+        assert!(mean < 1.0, "shift {shift}: mean error {mean} px");
+        assert!(within > 0.95, "shift {shift}: only {:.1} % of interior pixels within 1 px", within * 100.0);
+    }
+}
+
+#[tokio::test]
+async fn rust_output_matches_eager_pytorch() {
+    // models/parity/<pair>.pfm is written by `make test` with models/reference.py
+    // (eager PyTorch, same checkpoint, same preprocessing).
+    let reference_path = repo().join("models/parity/synthetic_crop.pfm");
+    let reference = pfm::decode(
+        &std::fs::read(&reference_path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run `make parity-fixtures`)", reference_path.display())),
+    )
+    .unwrap();
+    let engine = ready_engine(1).await;
+    let (left, right) = fixture_pair();
+    let ours = predict(&engine, &left, &right).await;
+    assert_eq!((ours.width(), ours.height()), (reference.width(), reference.height()));
+    let diffs: Vec<f32> = ours.values().iter().zip(reference.values()).map(|(a, b)| (a - b).abs()).collect();
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    let max = diffs.iter().copied().fold(0.0, f32::max);
+    println!("parity with eager PyTorch: mean |diff| {mean:.2e} px, max {max:.2e} px");
+    assert!(mean < 0.01, "mean |diff| {mean} px");
+    assert!(max < 0.5, "max |diff| {max} px");
+}
+
+#[tokio::test]
+async fn synthetic_scene_is_recovered_with_small_error() {
+    let engine = ready_engine(1).await;
+    let truth = pfm::decode(&read_png("data/synthetic/disp_gt.pfm")).unwrap();
+    let map = predict(&engine, &read_png("data/synthetic/left.png"), &read_png("data/synthetic/right.png")).await;
+    let (mut sum, mut bad, mut n) = (0.0f64, 0usize, 0usize);
+    for (p, t) in map.values().iter().zip(truth.values()) {
+        if t.is_finite() && *t < 192.0 {
+            let e = (p - t).abs();
+            sum += f64::from(e);
+            bad += usize::from(e > 3.0 && e > 0.05 * t);
+            n += 1;
+        }
+    }
+    let epe = sum / n as f64;
+    let d1 = 100.0 * bad as f64 / n as f64;
+    println!("synthetic scene: EPE {epe:.3} px, D1 {d1:.2} % over {n} pixels");
+    assert!(epe < 1.0, "EPE {epe}");
+    assert!(d1 < 5.0, "D1 {d1} %");
+}
+
+#[test]
+fn committed_synthetic_data_is_what_the_renderer_produces() {
+    let dir = std::env::temp_dir().join(format!("stereo-recon-synthetic-{}", std::process::id()));
+    stereo_recon::synthetic::write_scene(&dir).unwrap();
+    for file in ["left.png", "right.png"] {
+        let fresh = image::open(dir.join(file)).unwrap().to_rgb8();
+        let committed = image::open(repo().join("data/synthetic").join(file)).unwrap().to_rgb8();
+        assert_eq!(fresh, committed, "{file} differs from a fresh render: run `make synthetic`");
+    }
+    let fresh = pfm::decode(&std::fs::read(dir.join("disp_gt.pfm")).unwrap()).unwrap();
+    let committed = pfm::decode(&read_png("data/synthetic/disp_gt.pfm")).unwrap();
+    assert_eq!(fresh, committed);
+    for file in ["calib.json", "calib.txt"] {
+        let fresh = std::fs::read_to_string(dir.join(file)).unwrap();
+        let committed = std::fs::read_to_string(repo().join("data/synthetic").join(file)).unwrap();
+        assert_eq!(fresh, committed, "{file}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,170 @@
+//! The built binary itself: how it links, the `predict` command, and `serve`
+//! on a real socket with a graceful SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use stereo_recon::codec::{kitti, pfm};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stereo-recon");
+
+#[test]
+fn binary_keeps_libtorch_cuda_linked() {
+    // With --as-needed the linker would drop libtorch_cuda.so (nothing calls into it
+    // directly) and CUDA would never register on a GPU machine. CI has no GPU to notice.
+    let output = Command::new("readelf").args(["-d", BIN]).output().expect("readelf (binutils) runs");
+    let dynamic = String::from_utf8_lossy(&output.stdout);
+    assert!(dynamic.contains("[libtorch_cuda.so]"), "libtorch_cuda.so not in NEEDED:\n{dynamic}");
+    assert!(dynamic.contains("[libtorch_cpu.so]"));
+}
+
+#[test]
+fn predict_writes_pfm_png16_and_colour() {
+    let dir = std::env::temp_dir().join(format!("stereo-recon-predict-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (left, right) = small_pair();
+    std::fs::write(dir.join("l.png"), left).unwrap();
+    std::fs::write(dir.join("r.png"), right).unwrap();
+    let model = model_path();
+    let run = |out: &str, extra: &[&str]| {
+        Command::new(BIN)
+            .args(["predict", "l.png", "r.png", "-o", out, "--device", "cpu", "--model"])
+            .arg(&model)
+            .args(extra)
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    };
+    let out = run("d.pfm", &["--color", "c.png"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("64x48 disparity") && summary.contains("on cpu"), "{summary}");
+    let map = pfm::decode(&std::fs::read(dir.join("d.pfm")).unwrap()).unwrap();
+    assert_eq!((map.width(), map.height()), (64, 48));
+    let color = image::open(dir.join("c.png")).unwrap();
+    assert_eq!((color.width(), color.height()), (64, 48));
+
+    let out = run("d.png", &[]);
+    assert!(out.status.success());
+    let png16 = kitti::decode_png16(&std::fs::read(dir.join("d.png")).unwrap()).unwrap();
+    for (d, q) in map.values().iter().zip(png16.values()) {
+        assert!((d - q).abs() <= 0.5 / 256.0 + 1e-6);
+    }
+
+    let out = run("d.jpg", &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(".pfm or .png"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn predict_refuses_a_mismatched_pair() {
+    let dir = std::env::temp_dir().join(format!("stereo-recon-mismatch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (left, _) = small_pair();
+    std::fs::write(dir.join("l.png"), &left).unwrap();
+    std::fs::write(dir.join("r.png"), png(&image::RgbImage::new(10, 10))).unwrap();
+    let out = Command::new(BIN)
+        .args(["predict", "l.png", "r.png", "-o", "x.pfm", "--model"])
+        .arg(model_path())
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("64x48 but right image is 10x10"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Minimal HTTP/1.1 exchange with `Connection: close`; returns (status, body).
+fn http(address: SocketAddr, request: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body =
+        response.windows(4).position(|w| w == b"\r\n\r\n").map(|i| response[i + 4..].to_vec()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn serve_answers_on_a_socket_and_exits_cleanly_on_sigterm() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--model"])
+        .arg(model_path())
+        .current_dir(repo())
+        .env("RUST_LOG", "stereo_recon=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The log line "listening on http://127.0.0.1:PORT" gives the port the OS chose.
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let address: SocketAddr = loop {
+        let line = rx.recv_timeout(deadline - Instant::now()).expect("server logs its address");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    // Health turns 200 once the model is warm.
+    loop {
+        let (status, _) = http(address, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(Instant::now() < deadline, "model did not become ready in time");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (left, right) = small_pair();
+    let (content_type, body) = multipart(&[("left", &left), ("right", &right)]);
+    let mut request = format!(
+        "POST /api/v1/disparity?format=pfm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let (status, body) = http(address, &request);
+    assert_eq!(status, 200);
+    assert_eq!(pfm::decode(&body).unwrap().width(), 64);
+
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "server did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let logs: Vec<String> = rx.try_iter().collect();
+    assert!(logs.iter().any(|l| l.contains("request done") && l.contains("inference_ms")), "{logs:?}");
+}
+
+#[test]
+fn serve_fails_fast_when_the_model_is_missing() {
+    let output = Command::new(BIN)
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--model", "/nonexistent/psmnet.pt"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("not found"), "{log}");
+}

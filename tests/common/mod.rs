@@ -1,0 +1,158 @@
+//! Helpers shared by the integration tests: the real model, app state, request
+//! builders and image fixtures.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::Cursor;
+use std::path::PathBuf;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use bytes::Bytes;
+use image::{DynamicImage, ImageFormat, RgbImage};
+use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig};
+use stereo_recon::{AppState, Limits};
+use tower::ServiceExt;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The exported model produced by the set-up (`make model`).
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("STEREO_RECON_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/psmnet_kitti2015.pt"));
+    assert!(path.is_file(), "{} is missing: run `make test` (it exports the model first)", path.display());
+    path
+}
+
+pub fn engine_config(model_path: PathBuf, queue_depth: usize) -> EngineConfig {
+    EngineConfig { model_path, device: DeviceChoice::Cpu, queue_depth, threads: 0 }
+}
+
+/// An engine with the real model, loaded and warmed up.
+pub async fn ready_engine(queue_depth: usize) -> Engine {
+    let engine = Engine::start(engine_config(model_path(), queue_depth)).expect("engine thread starts");
+    engine.wait_ready().await.expect("model loads");
+    engine
+}
+
+/// An engine whose model cannot load (missing file): for requests that must be
+/// refused before any inference, and for the not-ready paths.
+pub async fn failed_engine() -> Engine {
+    let engine = Engine::start(engine_config(PathBuf::from("/nonexistent/model.pt"), 2)).unwrap();
+    assert!(engine.wait_ready().await.is_err());
+    engine
+}
+
+pub const DEFAULT_LIMITS: Limits = Limits { max_upload_bytes: 16 * 1024 * 1024, max_pixels: 1_000_000 };
+
+pub fn state(engine: Engine, limits: Limits) -> AppState {
+    AppState { engine, limits, static_dir: repo().join("static"), data_dir: repo().join("data") }
+}
+
+pub fn app(engine: Engine) -> Router {
+    stereo_recon::router(state(engine, DEFAULT_LIMITS))
+}
+
+/// A response, fully read.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `error.code` of a JSON error body.
+    pub fn error_code(&self) -> String {
+        let json = self.json();
+        assert!(json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "no error message: {json}");
+        json["error"]["code"].as_str().unwrap_or_default().to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+pub async fn send(app: &Router, request: Request<Body>) -> Reply {
+    let response = app.clone().oneshot(request).await.expect("router is infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    Reply { status, headers, body }
+}
+
+pub async fn get(app: &Router, uri: &str) -> Reply {
+    send(app, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+/// A multipart/form-data body with the given file fields, in order.
+pub fn multipart(fields: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "stereo-recon-test-boundary-7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (name, bytes) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        body.extend_from_slice(
+            format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n").as_bytes(),
+        );
+        body.extend_from_slice(b"Content-Type: application/octet-stream\r\n\r\n");
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+pub fn multipart_request(uri: &str, fields: &[(&str, &[u8])]) -> Request<Body> {
+    let (content_type, body) = multipart(fields);
+    Request::post(uri).header("content-type", content_type).body(Body::from(body)).unwrap()
+}
+
+pub fn json_request(uri: &str, json: &serde_json::Value) -> Request<Body> {
+    Request::post(uri).header("content-type", "application/json").body(Body::from(json.to_string())).unwrap()
+}
+
+pub fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    image.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+pub fn png(image: &RgbImage) -> Vec<u8> {
+    encode(&DynamicImage::ImageRgb8(image.clone()), ImageFormat::Png)
+}
+
+pub fn read_png(path: &str) -> Vec<u8> {
+    std::fs::read(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The committed 300 x 250 crop of the synthetic pair (not a multiple of 16).
+pub fn fixture_pair() -> (Vec<u8>, Vec<u8>) {
+    (read_png("tests/fixtures/synthetic_crop/left.png"), read_png("tests/fixtures/synthetic_crop/right.png"))
+}
+
+/// A small textured pair (crop of the synthetic left view, 64 x 48): cheap to infer.
+pub fn small_pair() -> (Vec<u8>, Vec<u8>) {
+    let source = image::load_from_memory(&read_png("data/synthetic/left.png")).unwrap().to_rgb8();
+    let left = image::imageops::crop_imm(&source, 200, 200, 64, 48).to_image();
+    let right = image::imageops::crop_imm(&source, 204, 200, 64, 48).to_image();
+    (png(&left), png(&right))
+}
+
+/// A pair whose right image is the left one moved `shift` pixels to the left:
+/// every left pixel `x` is seen at `x - shift` on the right, so the true
+/// disparity is `shift` everywhere (a fronto-parallel textured plane).
+pub fn shifted_pair(width: u32, height: u32, shift: u32) -> (RgbImage, RgbImage) {
+    let source = image::load_from_memory(&read_png("data/synthetic/left.png")).unwrap().to_rgb8();
+    let (x0, y0) = (40, 100);
+    let left = image::imageops::crop_imm(&source, x0, y0, width, height).to_image();
+    let right = image::imageops::crop_imm(&source, x0 + shift, y0, width, height).to_image();
+    (left, right)
+}
