@@ -1,0 +1,80 @@
+# stereo-recon: set-up, run and test.
+#
+#   make run     set everything up, then serve on http://localhost:5000
+#   make test    set everything up, then run every test (what CI runs)
+#
+# Downloads (Python venv with torch, the checkpoint) go to $(CACHE), outside the
+# repository, and are reused; a clean machine builds them from scratch.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CACHE ?= $(HOME)/.cache/stereo-recon
+PYTHON_BOOTSTRAP ?= python3
+VENV := $(CACHE)/venv
+PYTHON := $(VENV)/bin/python
+WEIGHTS := $(CACHE)/weights/pretrained_model_KITTI2015.tar
+MODEL := models/psmnet_kitti2015.pt
+PARITY_DIR := models/parity
+PARITY_PAIRS := $(wildcard tests/fixtures/*/left.png)
+PARITY_OUT := $(patsubst tests/fixtures/%/left.png,$(PARITY_DIR)/%.pfm,$(PARITY_PAIRS))
+ARGS ?=
+
+# tch's build script finds libtorch through this venv's torch (PyPI torch==2.11.0).
+export LIBTORCH_USE_PYTORCH := 1
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+
+.PHONY: help run test setup model build release parity-fixtures synthetic lint clean-model
+
+help:
+	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
+	@echo "make test    set up and run the whole test suite (CI runs this)"
+	@echo "make model   only produce $(MODEL)"
+	@echo "Downloads are cached in $(CACHE)."
+
+run: model release
+	./target/release/stereo-recon serve $(ARGS)
+
+test: model parity-fixtures
+	cargo fmt --check
+	cargo clippy --all-targets --locked -- -D warnings
+	if command -v cargo-nextest >/dev/null; then \
+		cargo nextest run --locked --no-fail-fast; \
+	else \
+		cargo test --locked --no-fail-fast; \
+	fi
+
+setup: model
+
+model: $(MODEL)
+
+release:
+	cargo build --release --locked
+
+$(VENV)/.installed: models/requirements.txt
+	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r models/requirements.txt
+	touch $@
+
+$(WEIGHTS): models/fetch_weights.py | $(VENV)/.installed
+	$(PYTHON) models/fetch_weights.py --cache $(CACHE)/downloads --out $@
+
+$(MODEL): $(WEIGHTS) models/psmnet.py models/export.py models/reference.py $(VENV)/.installed
+	$(PYTHON) models/export.py --checkpoint $(WEIGHTS) --out $@
+
+# Eager PyTorch disparities of the test pairs, for the Rust parity test.
+parity-fixtures: $(PARITY_OUT)
+
+$(PARITY_DIR)/%.pfm: tests/fixtures/%/left.png tests/fixtures/%/right.png $(WEIGHTS) models/psmnet.py models/reference.py
+	$(PYTHON) models/reference.py --checkpoint $(WEIGHTS) predict $(word 1,$^) $(word 2,$^) --out $@
+
+# Re-render the synthetic sample scene shipped in data/.
+synthetic:
+	cargo run --release --locked -- render-synthetic data/synthetic
+
+clean-model:
+	rm -f $(MODEL) models/psmnet_kitti2015.json
+	rm -rf $(PARITY_DIR)
