@@ -78,6 +78,8 @@
     preview.src = url;
     preview.hidden = false;
     $(`drop-${side}`).classList.add("has-image");
+    // A new input makes the shown result stale.
+    $("result").hidden = true;
     $("compute").disabled = !(chosen.left && chosen.right);
     hideError();
   }
@@ -145,7 +147,8 @@
       const body = await response.json();
       if (body && body.error && body.error.message) {
         const retry = response.headers.get("Retry-After");
-        return body.error.message + (retry ? ` (retry in about ${retry} s)` : "");
+        const message = body.error.message.charAt(0).toUpperCase() + body.error.message.slice(1);
+        return message + (retry ? ` (retry in about ${retry} s)` : "");
       }
     } catch (e) {
       // not JSON: fall through
