@@ -20,18 +20,22 @@ PARITY_DIR := models/parity
 PARITY_PAIRS := $(wildcard tests/fixtures/*/left.png)
 PARITY_OUT := $(patsubst tests/fixtures/%/left.png,$(PARITY_DIR)/%.pfm,$(PARITY_PAIRS))
 ARGS ?=
+# Extra pairs with ground truth for `make accuracy` / `make parity`, if present.
+SHARED ?= ../shared/stereo
+EVAL_DIRS := $(wildcard $(SHARED)) data
 
 # tch's build script finds libtorch through this venv's torch (PyPI torch==2.11.0).
 export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help run test setup model build release parity-fixtures synthetic lint clean-model
+.PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
 	@echo "make test    set up and run the whole test suite (CI runs this)"
 	@echo "make model   only produce $(MODEL)"
+	@echo "make accuracy / make parity   EPE/D1 table; Rust vs eager PyTorch (uses $(SHARED) if present)"
 	@echo "Downloads are cached in $(CACHE)."
 
 run: model release
@@ -70,6 +74,15 @@ parity-fixtures: $(PARITY_OUT)
 
 $(PARITY_DIR)/%.pfm: tests/fixtures/%/left.png tests/fixtures/%/right.png $(WEIGHTS) models/psmnet.py models/reference.py
 	$(PYTHON) models/reference.py --checkpoint $(WEIGHTS) predict $(word 1,$^) $(word 2,$^) --out $@
+
+# Accuracy of the Rust service on every pair with ground truth (README's Accuracy table).
+accuracy: model release
+	./target/release/stereo-recon eval $(EVAL_DIRS)
+
+# Rust service vs eager PyTorch on the same pairs (mean |diff| must stay < 0.01 px).
+parity: model release
+	$(PYTHON) models/parity.py --checkpoint $(WEIGHTS) --binary target/release/stereo-recon --model $(MODEL) \
+		$(EVAL_DIRS) tests/fixtures
 
 # Re-render the synthetic sample scene shipped in data/.
 synthetic:

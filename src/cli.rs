@@ -9,7 +9,7 @@ use tracing::{error, info};
 
 use crate::api::{AppState, Limits};
 use crate::codec::{colormap, kitti, pfm};
-use crate::config::{Config, PredictArgs, RenderArgs};
+use crate::config::{Config, EvalArgs, PredictArgs, RenderArgs};
 use crate::decode::decode_rgb;
 use crate::engine::{Engine, EngineError, StereoPair};
 
@@ -100,11 +100,7 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
     if !matches!(kind.as_deref(), Some("pfm" | "png")) {
         return Err(format!("{}: the output must end in .pfm or .png", args.output.display()));
     }
-    let read = |path: &std::path::Path| {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        decode_rgb(&bytes, u64::MAX).map_err(|e| format!("{}: {e}", path.display()))
-    };
-    let pair = StereoPair::new(read(&args.left)?, read(&args.right)?).map_err(|e| e.to_string())?;
+    let pair = read_pair(&args.left, &args.right)?;
 
     let engine = Engine::start(args.model.engine_config(1)).map_err(|e| e.to_string())?;
     let info = engine.wait_ready().await.map_err(|e| e.to_string())?;
@@ -130,6 +126,139 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
         seconds,
         info.device
     ))
+}
+
+fn read_pair(left: &std::path::Path, right: &std::path::Path) -> Result<StereoPair, String> {
+    let read = |path: &std::path::Path| {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        decode_rgb(&bytes, u64::MAX).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    StereoPair::new(read(left)?, read(right)?).map_err(|e| e.to_string())
+}
+
+/// One evaluated pair, as `eval --json` prints it.
+#[derive(Debug, serde::Serialize)]
+struct PairReport {
+    name: String,
+    left: String,
+    width: u32,
+    height: u32,
+    inference_ms: f64,
+    ground_truth: Option<String>,
+    metrics: Option<crate::eval::Metrics>,
+}
+
+/// `eval`: runs every pair found under the given folders and scores it.
+pub async fn eval(args: EvalArgs) -> Result<String, String> {
+    use crate::eval::{decode_ground_truth, discover_pairs, error_map, Accumulator};
+
+    let mut pairs = Vec::new();
+    for dir in &args.dirs {
+        pairs.extend(discover_pairs(dir).map_err(|e| format!("{}: {e}", dir.display()))?);
+    }
+    if pairs.is_empty() {
+        return Err("no pair folders (with left.* and right.*) found".into());
+    }
+    let engine = Engine::start(args.model.engine_config(1)).map_err(|e| e.to_string())?;
+    let info = engine.wait_ready().await.map_err(|e| e.to_string())?;
+
+    let mut overall = Accumulator::default();
+    let mut reports = Vec::new();
+    for files in &pairs {
+        let pair = read_pair(&files.left, &files.right)?;
+        let (width, height) = pair.dimensions();
+        let truth = match &files.ground_truth {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let truth = decode_ground_truth(&bytes, files.gt_scale.or(args.gt_scale), u64::MAX)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                if (truth.width(), truth.height()) != (width, height) {
+                    return Err(format!(
+                        "{}: ground truth is {}x{} but the images are {width}x{height}",
+                        path.display(),
+                        truth.width(),
+                        truth.height()
+                    ));
+                }
+                Some(truth)
+            }
+            None => None,
+        };
+        let prediction = engine.predict(pair).await.map_err(|e| format!("{}: {e}", files.name))?;
+        let map = prediction.disparity;
+        let metrics = truth.as_ref().map(|truth| {
+            let mut acc = Accumulator::default();
+            acc.add(&map, truth, args.maxdisp);
+            overall.merge(&acc);
+            acc.metrics()
+        });
+        if let Some(out) = &args.save {
+            let dir = out.join(&files.name);
+            let write = |file: &str, bytes: Vec<u8>| {
+                std::fs::create_dir_all(&dir)
+                    .and_then(|_| std::fs::write(dir.join(file), bytes))
+                    .map_err(|e| format!("{}: {e}", dir.join(file).display()))
+            };
+            write("disparity.pfm", pfm::encode(&map))?;
+            write("disparity_color.png", colormap::color_png(&map))?;
+            if let Some(truth) = &truth {
+                let errors = error_map(&map, truth);
+                write(
+                    "error.png",
+                    crate::codec::png_bytes(errors.as_raw(), width, height, image::ExtendedColorType::Rgb8),
+                )?;
+            }
+        }
+        reports.push(PairReport {
+            name: files.name.clone(),
+            left: files.left.display().to_string(),
+            width,
+            height,
+            inference_ms: prediction.inference.as_secs_f64() * 1000.0,
+            ground_truth: files.ground_truth.as_ref().map(|p| p.display().to_string()),
+            metrics,
+        });
+    }
+    let overall = (overall.metrics().valid_pixels > 0).then(|| overall.metrics());
+    if args.json {
+        let json = serde_json::json!({
+            "model": info.name,
+            "device": info.device,
+            "maxdisp": args.maxdisp,
+            "pairs": reports,
+            "overall": overall,
+        });
+        return Ok(serde_json::to_string_pretty(&json).expect("report serialises"));
+    }
+    Ok(eval_table(&reports, overall.as_ref(), &info.device, args.maxdisp))
+}
+
+fn eval_table(reports: &[PairReport], overall: Option<&crate::eval::Metrics>, device: &str, maxdisp: f32) -> String {
+    let mut out = format!(
+        "| pair | size | valid px | excluded (gt >= {maxdisp}) | EPE px | D1 % | bad-1 % | bad-2 % | bad-3 % | time s |\n"
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    let row = |name: &str, size: String, m: Option<&crate::eval::Metrics>, seconds: String| match m {
+        Some(m) => format!(
+            "| {name} | {size} | {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {seconds} |\n",
+            m.valid_pixels, m.excluded_pixels, m.epe, m.d1, m.bad1, m.bad2, m.bad3
+        ),
+        None => format!("| {name} | {size} | no ground truth | | | | | | | {seconds} |\n"),
+    };
+    for r in reports {
+        out.push_str(&row(
+            &r.name,
+            format!("{}x{}", r.width, r.height),
+            r.metrics.as_ref(),
+            format!("{:.2}", r.inference_ms / 1000.0),
+        ));
+    }
+    if let Some(m) = overall {
+        let total: f64 = reports.iter().map(|r| r.inference_ms).sum::<f64>() / 1000.0;
+        out.push_str(&row("**all (pixels pooled)**", String::new(), Some(m), format!("{total:.2}")));
+    }
+    out.push_str(&format!("\n{} pair(s) on {device}", reports.len()));
+    out
 }
 
 /// `render-synthetic`: writes the sample scene.

@@ -22,6 +22,8 @@ pub enum Command {
     Serve(Config),
     /// Compute the disparity of one rectified pair and write it to a file.
     Predict(PredictArgs),
+    /// Measure accuracy on folders of pairs with ground truth (EPE, D1, bad-1/2/3).
+    Eval(EvalArgs),
     /// Render the synthetic sample scene (images, exact disparity, calibration) into a folder.
     RenderSynthetic(RenderArgs),
 }
@@ -97,4 +99,27 @@ pub struct PredictArgs {
 pub struct RenderArgs {
     /// Folder to write left.png, right.png, disp_gt.pfm and the calibration files into.
     pub output: PathBuf,
+}
+
+/// `eval`: accuracy of the same engine on pairs with ground truth.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Pair folders (left.*, right.*, disp_gt.pfm | disp_gt_kitti16.png | disp_gt.png), or
+    /// folders holding pair folders at any depth.
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write each prediction (PFM, colour PNG) and its error map (KITTI colours) here.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Scale of 8-bit ground-truth PNGs (disparity = value / scale) where a pair has no pair.json.
+    #[arg(long)]
+    pub gt_scale: Option<f32>,
+    /// Ground truth at or beyond this disparity is excluded from the scores (and counted).
+    #[arg(long, default_value_t = 192.0)]
+    pub maxdisp: f32,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod decode;
 pub mod disparity;
 pub mod engine;
+pub mod eval;
 mod page;
 pub mod preprocess;
 pub mod synthetic;

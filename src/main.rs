@@ -30,6 +30,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Serve(config) => return runtime.block_on(cli::serve(config)),
         Command::Predict(args) => runtime.block_on(cli::predict(args)),
+        Command::Eval(args) => runtime.block_on(cli::eval(args)),
         Command::RenderSynthetic(args) => cli::render_synthetic(args),
     };
     match outcome {

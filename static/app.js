@@ -5,7 +5,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const chosen = { left: null, right: null }; // Blob (File or fetched example) per side
+  const chosen = { left: null, right: null, gt: null }; // Blob (File or fetched example) per input
   let objectUrls = []; // blob: URLs of the current result, revoked on the next one
   let hoverData = null; // { width, height, values: Float32Array } of the current result
 
@@ -63,8 +63,25 @@
     return `${img.naturalWidth}×${img.naturalHeight} · ${kb} KB`;
   }
 
+  let groundTruthFromExample = false;
+
+  function setGroundTruth(blob, name, fromExample = false) {
+    chosen.gt = blob;
+    groundTruthFromExample = Boolean(blob) && fromExample;
+    $("info-gt").textContent = blob ? `${name || "ground truth"} · ${(blob.size / 1024).toFixed(0)} KB` : "";
+    $("drop-gt").classList.toggle("has-image", Boolean(blob));
+    $("gt-clear").hidden = !blob;
+    $("result").hidden = true;
+  }
+
   function setImage(side, blob, name) {
+    if (side === "gt") {
+      setGroundTruth(blob, name);
+      return;
+    }
     chosen[side] = blob;
+    // The example's ground truth belongs to the example pair, not to a user's own images.
+    if (groundTruthFromExample && !name.startsWith("example:")) setGroundTruth(null);
     const preview = $(`preview-${side}`);
     const url = URL.createObjectURL(blob);
     preview.onload = () => {
@@ -121,7 +138,7 @@
       e.preventDefault();
       zone.classList.remove("dragging");
       const files = [...e.dataTransfer.files];
-      if (files.length >= 2) {
+      if (files.length >= 2 && side !== "gt") {
         // Two files dropped at once: sort by name, first is left (img_L / img_R, 0 / 1 ...).
         files.sort((a, b) => a.name.localeCompare(b.name));
         setImage("left", files[0], files[0].name);
@@ -246,6 +263,26 @@
       row.insertCell().textContent = label;
       row.insertCell().textContent = `${t[key].toFixed(1)} ms`;
     }
+    const evaluation = body.evaluation;
+    $("error-figure").hidden = !evaluation;
+    $("evaluation").hidden = !evaluation;
+    if (evaluation) {
+      $("result-error").src = blobUrl(base64ToBytes(body.images.error_png), "image/png");
+      const rows = [
+        ["EPE", `${evaluation.epe.toFixed(3)} px`],
+        ["D1 (> 3 px and > 5 %)", `${evaluation.d1.toFixed(2)} %`],
+        ["bad-1 / bad-2 / bad-3", `${evaluation.bad1.toFixed(2)} / ${evaluation.bad2.toFixed(2)} / ${evaluation.bad3.toFixed(2)} %`],
+        ["pixels scored", evaluation.valid_pixels.toLocaleString()],
+        ["excluded (truth ≥ 192 px)", evaluation.excluded_pixels.toLocaleString()],
+      ];
+      const table = document.createElement("table");
+      for (const [label, value] of rows) {
+        const row = table.insertRow();
+        row.insertCell().textContent = label;
+        row.insertCell().textContent = value;
+      }
+      $("evaluation").replaceChildren(table);
+    }
     $("result").hidden = false;
   }
 
@@ -274,8 +311,14 @@
     const form = new FormData();
     form.append("left", chosen.left, "left");
     form.append("right", chosen.right, "right");
+    let url = "/api/v1/disparity?format=json&include_pfm=true";
+    if (chosen.gt) {
+      form.append("ground_truth", chosen.gt, "ground_truth");
+      const scale = $("gt-scale").value.trim();
+      if (scale) url += `&gt_scale=${encodeURIComponent(scale)}`;
+    }
     try {
-      const response = await fetch("/api/v1/disparity?format=json&include_pfm=true", {
+      const response = await fetch(url, {
         method: "POST",
         body: form,
       });
@@ -308,8 +351,14 @@
           })
         )
       );
-      setImage("left", left, `${example.name}/left.png`);
-      setImage("right", right, `${example.name}/right.png`);
+      setImage("left", left, `example: ${example.name}/left.png`);
+      setImage("right", right, `example: ${example.name}/right.png`);
+      if (example.ground_truth) {
+        const truth = await fetch(example.ground_truth).then((r) => r.blob());
+        setGroundTruth(truth, `example: ${example.name}/${example.ground_truth.split("/").pop()}`, true);
+      } else {
+        setGroundTruth(null);
+      }
       await compute();
     } catch (e) {
       showError(`Could not load the example pair (${e.message}).`);
@@ -319,6 +368,8 @@
   document.addEventListener("DOMContentLoaded", () => {
     wireDropZone("left");
     wireDropZone("right");
+    wireDropZone("gt");
+    $("gt-clear").addEventListener("click", () => setGroundTruth(null));
     wireHover();
     drawColorbar();
     $("compute").addEventListener("click", compute);

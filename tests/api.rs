@@ -141,6 +141,37 @@ async fn grey_sixteen_bit_and_alpha_inputs_are_accepted() {
     }
 }
 
+#[tokio::test]
+async fn ground_truth_upload_adds_scores_and_an_error_map() {
+    let app = app(ready_engine(2).await);
+    let (left, right) = fixture_pair();
+    let truth = read_png("tests/fixtures/synthetic_crop/disp_gt.pfm");
+    let fields: [(&str, &[u8]); 3] = [("left", &left), ("right", &right), ("ground_truth", &truth)];
+    let reply = send(&app, multipart_request("/api/v1/disparity", &fields)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+    let body = reply.json();
+    let eval = &body["evaluation"];
+    assert_eq!(eval["valid_pixels"], 300 * 250);
+    assert_eq!(eval["excluded_pixels"], 0);
+    let epe = eval["epe"].as_f64().unwrap();
+    assert!(epe > 0.0 && epe < 1.0, "EPE {epe}");
+    assert!(eval["d1"].as_f64().unwrap() < 5.0);
+    assert!(eval["bad1"].as_f64().unwrap() >= eval["bad3"].as_f64().unwrap());
+    let errors = image::load_from_memory(&unb64(&body["images"]["error_png"])).unwrap();
+    assert_eq!((errors.width(), errors.height()), (300, 250));
+
+    // The same scores arrive as headers with a raw format, and via a JSON body as 16-bit PNG.
+    let as_png16 = kitti::encode_png16(&pfm::decode(&truth).unwrap());
+    let request = json_request(
+        "/api/v1/disparity?format=png16",
+        &json!({ "left": b64(&left), "right": b64(&right), "ground_truth": b64(&as_png16) }),
+    );
+    let reply = send(&app, request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let header_epe: f64 = reply.header("x-eval-epe").parse().unwrap();
+    assert!((header_epe - epe).abs() < 0.01, "{header_epe} vs {epe}");
+}
+
 // ---- Errors -----------------------------------------------------------------------
 
 async fn expect_error(app: &axum::Router, request: Request<Body>, status: StatusCode, code: &str) -> Reply {
@@ -203,6 +234,17 @@ async fn upload_errors_are_clear_json_with_the_right_status() {
     let reply =
         expect_error(&app, multipart_request(uri, &[("left", &left), ("right", &smaller)]), bad, "size_mismatch").await;
     assert!(reply.json()["error"]["message"].as_str().unwrap().contains("64x48"));
+
+    // Ground truth that cannot be used.
+    let tiny_truth = pfm::encode(&stereo_recon::disparity::DisparityMap::new(2, 2, vec![1.0; 4]).unwrap());
+    let fields: [(&str, &[u8]); 3] = [("left", &left), ("right", &right), ("ground_truth", &tiny_truth)];
+    expect_error(&app, multipart_request(uri, &fields), bad, "ground_truth_size_mismatch").await;
+    let fields: [(&str, &[u8]); 3] = [("left", &left), ("right", &right), ("ground_truth", b"not a disparity")];
+    expect_error(&app, multipart_request(uri, &fields), bad, "invalid_ground_truth").await;
+    let grey8 = encode(&DynamicImage::ImageLuma8(ImageBuffer::from_pixel(64, 48, Luma([40u8]))), ImageFormat::Png);
+    let fields: [(&str, &[u8]); 3] = [("left", &left), ("right", &right), ("ground_truth", &grey8)];
+    let reply = expect_error(&app, multipart_request(uri, &fields), bad, "invalid_ground_truth").await;
+    assert!(reply.json()["error"]["message"].as_str().unwrap().contains("scale"));
 
     // JSON bodies.
     expect_error(&app, json_request(uri, &json!({ "left": b64(&left) })), bad, "missing_field").await;

@@ -80,6 +80,48 @@ fn predict_refuses_a_mismatched_pair() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+#[test]
+fn eval_scores_pairs_and_saves_predictions_and_error_maps() {
+    let out = std::env::temp_dir().join(format!("stereo-recon-eval-{}", std::process::id()));
+    let output = Command::new(BIN)
+        .args(["eval", "tests/fixtures", "--json", "--device", "cpu", "--save"])
+        .arg(&out)
+        .arg("--model")
+        .arg(model_path())
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("--json prints JSON");
+    let pair = &report["pairs"][0];
+    assert_eq!(pair["name"], "synthetic_crop");
+    assert_eq!((pair["width"].as_u64(), pair["height"].as_u64()), (Some(300), Some(250)));
+    let m = &pair["metrics"];
+    assert_eq!(m["valid_pixels"], 75_000);
+    assert!(m["epe"].as_f64().unwrap() < 1.0, "{m}");
+    for key in ["d1", "bad1", "bad2", "bad3"] {
+        assert!((0.0..=100.0).contains(&m[key].as_f64().unwrap()), "{key}");
+    }
+    assert_eq!(report["overall"]["valid_pixels"], 75_000);
+    assert!(pair["inference_ms"].as_f64().unwrap() > 0.0);
+    for file in ["disparity.pfm", "disparity_color.png", "error.png"] {
+        assert!(out.join("synthetic_crop").join(file).is_file(), "{file} not saved");
+    }
+
+    // The table form names every column the benchmarks use.
+    let table = Command::new(BIN)
+        .args(["eval", "tests/fixtures/synthetic_crop", "--device", "cpu", "--model"])
+        .arg(model_path())
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    for column in ["EPE px", "D1 %", "bad-1 %", "bad-2 %", "bad-3 %", "valid px", "excluded"] {
+        assert!(text.contains(column), "{column} missing from:\n{text}");
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
+
 /// Minimal HTTP/1.1 exchange with `Connection: close`; returns (status, body).
 fn http(address: SocketAddr, request: &[u8]) -> (u16, Vec<u8>) {
     let mut stream = TcpStream::connect(address).unwrap();

@@ -17,6 +17,7 @@ use crate::codec::{colormap, kitti, pfm};
 use crate::decode::decode_rgb;
 use crate::disparity::{DisparityMap, DisparityStats};
 use crate::engine::StereoPair;
+use crate::eval::{decode_ground_truth, error_map, evaluate, Metrics};
 
 /// What the client wants back.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -42,6 +43,8 @@ pub struct OutputParams {
     /// to show the exact value under the cursor.
     #[serde(default)]
     include_pfm: bool,
+    /// Scale of an 8-bit ground-truth PNG (disparity = value / scale).
+    gt_scale: Option<f32>,
 }
 
 /// Where the time of one request went, in milliseconds.
@@ -74,6 +77,9 @@ struct Images {
     kitti_png16: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pfm: Option<String>,
+    /// KITTI-style error map, when ground truth was sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_png: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -84,21 +90,28 @@ struct DisparityResponse {
     device: String,
     model: String,
     timings_ms: Timings,
+    /// Scores against the uploaded ground truth, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evaluation: Option<Metrics>,
     images: Images,
 }
 
 /// The encoded answer, before the total time is known.
 enum Encoded {
-    Json { color_png: Vec<u8>, kitti_png16: Vec<u8>, pfm: Option<Vec<u8>> },
+    Json { color_png: Vec<u8>, kitti_png16: Vec<u8>, pfm: Option<Vec<u8>>, error_png: Option<Vec<u8>> },
     File { bytes: Vec<u8>, content_type: &'static str, file_name: &'static str },
 }
 
-fn encode(format: OutputFormat, include_pfm: bool, map: &DisparityMap) -> Encoded {
+fn encode(format: OutputFormat, include_pfm: bool, map: &DisparityMap, truth: Option<&DisparityMap>) -> Encoded {
     match format {
         OutputFormat::Json => Encoded::Json {
             color_png: colormap::color_png(map),
             kitti_png16: kitti::encode_png16(map),
             pfm: include_pfm.then(|| pfm::encode(map)),
+            error_png: truth.map(|truth| {
+                let errors = error_map(map, truth);
+                crate::codec::png_bytes(errors.as_raw(), map.width(), map.height(), image::ExtendedColorType::Rgb8)
+            }),
         },
         OutputFormat::Png16 => Encoded::File {
             bytes: kitti::encode_png16(map),
@@ -147,9 +160,29 @@ pub async fn disparity(
     let upload = read_pair(request, state.limits.max_upload_bytes).await?;
 
     let decode_started = Instant::now();
-    let pair = decode_pair(upload.left, upload.right, state.limits.max_pixels).await?;
-    let decode = decode_started.elapsed();
+    let max_pixels = state.limits.max_pixels;
+    let truth = upload.ground_truth.map(|bytes| {
+        let scale = params.gt_scale;
+        tokio::task::spawn_blocking(move || decode_ground_truth(&bytes, scale, max_pixels))
+    });
+    let pair = decode_pair(upload.left, upload.right, max_pixels).await?;
     let (width, height) = pair.dimensions();
+    let truth = match truth {
+        Some(task) => {
+            let truth = task.await.map_err(|e| ApiError::Internal(format!("decode task: {e}")))??;
+            if (truth.width(), truth.height()) != (width, height) {
+                return Err(ApiError::GroundTruthSizeMismatch {
+                    truth_width: truth.width(),
+                    truth_height: truth.height(),
+                    width,
+                    height,
+                });
+            }
+            Some(truth)
+        }
+        None => None,
+    };
+    let decode = decode_started.elapsed();
     tracing::Span::current().record("size", format!("{width}x{height}"));
 
     let prediction = state.engine.predict(pair).await?;
@@ -158,9 +191,12 @@ pub async fn disparity(
     let encode_started = Instant::now();
     let map = prediction.disparity;
     let (format, include_pfm) = (params.format, params.include_pfm);
-    let (encoded, stats) = tokio::task::spawn_blocking(move || (encode(format, include_pfm, &map), map.stats()))
-        .await
-        .map_err(|e| ApiError::Internal(format!("encode task: {e}")))?;
+    let (encoded, stats, evaluation) = tokio::task::spawn_blocking(move || {
+        let evaluation = truth.as_ref().map(|truth| evaluate(&map, truth, crate::eval::DEFAULT_MAXDISP));
+        (encode(format, include_pfm, &map, truth.as_ref()), map.stats(), evaluation)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("encode task: {e}")))?;
     let encode = encode_started.elapsed();
 
     let timings = Timings {
@@ -174,7 +210,7 @@ pub async fn disparity(
     let model = info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
 
     let mut response = match encoded {
-        Encoded::Json { color_png, kitti_png16, pfm } => {
+        Encoded::Json { color_png, kitti_png16, pfm, error_png } => {
             let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
             Json(DisparityResponse {
                 width,
@@ -183,10 +219,12 @@ pub async fn disparity(
                 device,
                 model,
                 timings_ms: timings,
+                evaluation,
                 images: Images {
                     color_png: b64(&color_png),
                     kitti_png16: b64(&kitti_png16),
                     pfm: pfm.as_deref().map(b64),
+                    error_png: error_png.as_deref().map(b64),
                 },
             })
             .into_response()
@@ -206,6 +244,12 @@ pub async fn disparity(
                 HeaderName::from_static("x-device"),
                 HeaderValue::from_str(&device).unwrap_or(HeaderValue::from_static("unknown")),
             );
+            if let Some(m) = evaluation {
+                for (name, value) in [("x-eval-epe", m.epe), ("x-eval-d1", m.d1)] {
+                    let value = HeaderValue::from_str(&format!("{value:.4}")).expect("number");
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            }
             (headers, bytes).into_response()
         }
     };
@@ -225,20 +269,25 @@ mod tests {
     #[test]
     fn every_format_encodes_to_its_kind_of_file() {
         let map = DisparityMap::new(2, 2, vec![1.0, 2.0, 3.0, 4.0]).unwrap();
-        match encode(OutputFormat::Json, true, &map) {
-            Encoded::Json { color_png, kitti_png16, pfm } => {
+        match encode(OutputFormat::Json, true, &map, Some(&map)) {
+            Encoded::Json { color_png, kitti_png16, pfm, error_png } => {
                 assert!(color_png.starts_with(b"\x89PNG") && kitti_png16.starts_with(b"\x89PNG"));
                 assert!(pfm.unwrap().starts_with(b"Pf\n2 2\n"));
+                assert!(error_png.unwrap().starts_with(b"\x89PNG"));
             }
             Encoded::File { .. } => panic!("json must not be a file"),
         }
-        let Encoded::Json { pfm: None, .. } = encode(OutputFormat::Json, false, &map) else { panic!("pfm is opt-in") };
+        let Encoded::Json { pfm: None, error_png: None, .. } = encode(OutputFormat::Json, false, &map, None) else {
+            panic!("pfm is opt-in, the error map needs ground truth")
+        };
         for (format, kind) in [
             (OutputFormat::Png16, "image/png"),
             (OutputFormat::Color, "image/png"),
             (OutputFormat::Pfm, "application/x-portable-floatmap"),
         ] {
-            let Encoded::File { content_type, bytes, .. } = encode(format, false, &map) else { panic!("{format:?}") };
+            let Encoded::File { content_type, bytes, .. } = encode(format, false, &map, None) else {
+                panic!("{format:?}")
+            };
             assert_eq!(content_type, kind);
             assert!(!bytes.is_empty());
         }

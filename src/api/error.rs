@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::decode::DecodeError;
 use crate::engine::{EngineError, SizeMismatch};
+use crate::eval::GroundTruthError;
 
 /// Which upload a per-image error is about.
 pub type FieldName = &'static str;
@@ -27,6 +28,10 @@ pub enum ApiError {
     Image { field: FieldName, source: DecodeError },
     #[error("{0}")]
     SizeMismatch(#[from] SizeMismatch),
+    #[error("the ground truth: {0}")]
+    InvalidGroundTruth(#[from] GroundTruthError),
+    #[error("the ground truth is {truth_width}x{truth_height} but the images are {width}x{height}")]
+    GroundTruthSizeMismatch { truth_width: u32, truth_height: u32, width: u32, height: u32 },
     #[error("the '{0}' field is not valid base64")]
     InvalidBase64(FieldName),
     #[error("the JSON body is invalid: {0}")]
@@ -57,6 +62,8 @@ impl ApiError {
             | ApiError::DuplicateField(_)
             | ApiError::UnexpectedField(_)
             | ApiError::SizeMismatch(_)
+            | ApiError::InvalidGroundTruth(_)
+            | ApiError::GroundTruthSizeMismatch { .. }
             | ApiError::InvalidBase64(_)
             | ApiError::InvalidJson(_)
             | ApiError::InvalidMultipart(_)
@@ -95,6 +102,8 @@ impl ApiError {
                 DecodeError::TooManyPixels { .. } => "too_many_pixels",
             },
             ApiError::SizeMismatch(_) => "size_mismatch",
+            ApiError::InvalidGroundTruth(_) => "invalid_ground_truth",
+            ApiError::GroundTruthSizeMismatch { .. } => "ground_truth_size_mismatch",
             ApiError::InvalidBase64(_) => "invalid_base64",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidMultipart(_) => "invalid_multipart",

@@ -5,6 +5,8 @@
 //! - `application/json` `{"left": "<base64>", "right": "<base64>"}` (scripts);
 //!   a `data:image/...;base64,` prefix and line breaks in the base64 are tolerated.
 //!
+//! Either may add an optional `ground_truth` (disparity file) to be scored against.
+//!
 //! Only bytes come out of here; decoding happens elsewhere, off the async threads.
 
 use axum::body::Body;
@@ -17,14 +19,16 @@ use serde::Deserialize;
 
 use super::error::{ApiError, FieldName};
 
-/// The raw bytes of both images, as uploaded.
+/// The raw bytes of both images, as uploaded, and optional ground truth.
 #[derive(Debug)]
 pub struct UploadedPair {
     pub left: Bytes,
     pub right: Bytes,
+    /// Ground-truth disparity (PFM, KITTI 16-bit PNG or 8-bit PNG) to score the result against.
+    pub ground_truth: Option<Bytes>,
 }
 
-const FIELDS: [FieldName; 2] = ["left", "right"];
+const FIELDS: [FieldName; 3] = ["left", "right", "ground_truth"];
 
 /// Reads `left` and `right` from `request`, refusing bodies over `limit` bytes.
 pub async fn read_pair(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
@@ -51,6 +55,7 @@ async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, 
         .map_err(|e: MultipartRejection| ApiError::InvalidMultipart(e.body_text()))?;
     let mut left = None;
     let mut right = None;
+    let mut ground_truth = None;
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
@@ -61,6 +66,7 @@ async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, 
         let slot = match name.as_str() {
             "left" => &mut left,
             "right" => &mut right,
+            "ground_truth" => &mut ground_truth,
             _ => return Err(ApiError::UnexpectedField(name)),
         };
         let field_name = FIELDS.iter().copied().find(|f| *f == name).expect("matched above");
@@ -72,6 +78,7 @@ async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, 
     Ok(UploadedPair {
         left: left.ok_or(ApiError::MissingField("left"))?,
         right: right.ok_or(ApiError::MissingField("right"))?,
+        ground_truth,
     })
 }
 
@@ -87,6 +94,7 @@ fn multipart_error(e: MultipartError, limit: usize) -> ApiError {
 struct JsonPair {
     left: Option<String>,
     right: Option<String>,
+    ground_truth: Option<String>,
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
 }
@@ -107,7 +115,8 @@ async fn read_json(body: Body, limit: usize) -> Result<UploadedPair, ApiError> {
     }
     let left = parsed.left.ok_or(ApiError::MissingField("left"))?;
     let right = parsed.right.ok_or(ApiError::MissingField("right"))?;
-    Ok(UploadedPair { left: decode_base64(&left, "left")?, right: decode_base64(&right, "right")? })
+    let ground_truth = parsed.ground_truth.map(|gt| decode_base64(&gt, "ground_truth")).transpose()?;
+    Ok(UploadedPair { left: decode_base64(&left, "left")?, right: decode_base64(&right, "right")?, ground_truth })
 }
 
 /// Standard base64, with an optional data-URL prefix and embedded whitespace.

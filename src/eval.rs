@@ -1,0 +1,343 @@
+//! Accuracy against ground truth, the way the stereo benchmarks measure it.
+//!
+//! - **EPE**: mean absolute disparity error in pixels.
+//! - **D1** (KITTI 2015): % of pixels whose error is > 3 px *and* > 5 % of the true disparity.
+//! - **bad-N**: % of pixels whose error is > N px (Middlebury's bad-1, bad-2 and our bad-3).
+//!
+//! Only pixels with a finite, positive true disparity count. Pixels whose truth is at or
+//! beyond the network's `maxdisp` are excluded (PSMNet cannot output them) and counted
+//! separately, so a reader sees how much was left out.
+//!
+//! Ground truth is read from Middlebury PFM (`inf` = none), KITTI 16-bit PNG (value / 256,
+//! 0 = none) or an 8-bit PNG with a stated scale (value / scale, 0 = none).
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::codec::{kitti, pfm};
+use crate::disparity::DisparityMap;
+
+/// PSMNet's largest disparity: ground truth at or beyond it is excluded.
+pub const DEFAULT_MAXDISP: f32 = 192.0;
+
+/// Error statistics of one prediction (or of several, pooled pixel by pixel).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Metrics {
+    /// Mean absolute error, px.
+    pub epe: f64,
+    /// KITTI D1, %.
+    pub d1: f64,
+    pub bad1: f64,
+    pub bad2: f64,
+    pub bad3: f64,
+    /// Pixels that were scored.
+    pub valid_pixels: u64,
+    /// Pixels with ground truth at or beyond maxdisp, left out.
+    pub excluded_pixels: u64,
+}
+
+/// Running sums, so that several pairs pool into one overall figure.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Accumulator {
+    abs_error: f64,
+    d1: u64,
+    bad: [u64; 3],
+    valid: u64,
+    excluded: u64,
+}
+
+impl Accumulator {
+    /// Adds every scored pixel of `prediction` against `truth` (same size).
+    pub fn add(&mut self, prediction: &DisparityMap, truth: &DisparityMap, maxdisp: f32) {
+        assert_eq!(
+            (prediction.width(), prediction.height()),
+            (truth.width(), truth.height()),
+            "prediction and ground truth differ in size"
+        );
+        for (&p, &t) in prediction.values().iter().zip(truth.values()) {
+            if !(t.is_finite() && t > 0.0) {
+                continue;
+            }
+            if t >= maxdisp {
+                self.excluded += 1;
+                continue;
+            }
+            let e = f64::from((p - t).abs());
+            let e = if e.is_finite() { e } else { f64::from(maxdisp) };
+            self.abs_error += e;
+            self.d1 += u64::from(e > 3.0 && e > 0.05 * f64::from(t));
+            for (count, limit) in self.bad.iter_mut().zip([1.0, 2.0, 3.0]) {
+                *count += u64::from(e > limit);
+            }
+            self.valid += 1;
+        }
+    }
+
+    pub fn merge(&mut self, other: &Accumulator) {
+        self.abs_error += other.abs_error;
+        self.d1 += other.d1;
+        for (a, b) in self.bad.iter_mut().zip(other.bad) {
+            *a += b;
+        }
+        self.valid += other.valid;
+        self.excluded += other.excluded;
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let n = self.valid.max(1) as f64;
+        let pct = |count: u64| 100.0 * count as f64 / n;
+        Metrics {
+            epe: self.abs_error / n,
+            d1: pct(self.d1),
+            bad1: pct(self.bad[0]),
+            bad2: pct(self.bad[1]),
+            bad3: pct(self.bad[2]),
+            valid_pixels: self.valid,
+            excluded_pixels: self.excluded,
+        }
+    }
+}
+
+/// Metrics of one prediction.
+pub fn evaluate(prediction: &DisparityMap, truth: &DisparityMap, maxdisp: f32) -> Metrics {
+    let mut acc = Accumulator::default();
+    acc.add(prediction, truth, maxdisp);
+    acc.metrics()
+}
+
+// Error colours after the KITTI development kit: ten bins of the normalised
+// error, from dark blue (far below the D1 threshold) to dark red (far above).
+const ERROR_BINS: [(f32, [u8; 3]); 10] = [
+    (0.0625, [49, 54, 149]),
+    (0.125, [69, 117, 180]),
+    (0.25, [116, 173, 209]),
+    (0.5, [171, 217, 233]),
+    (1.0, [224, 243, 248]),
+    (2.0, [254, 224, 144]),
+    (4.0, [253, 174, 97]),
+    (8.0, [244, 109, 67]),
+    (16.0, [215, 48, 39]),
+    (f32::INFINITY, [165, 0, 38]),
+];
+
+/// Colour of one pixel's error: blue is good, red is bad. The error is
+/// normalised as `min(e / 3, 20 e / truth)`, which reaches 1.0 exactly when the
+/// pixel becomes a D1 outlier (error >= 3 px and >= 5 % of the truth).
+pub fn error_color(prediction: f32, truth: f32) -> [u8; 3] {
+    if !(truth.is_finite() && truth > 0.0) {
+        return [0, 0, 0];
+    }
+    let e = (prediction - truth).abs();
+    let normalised = (e / 3.0).min(20.0 * e / truth);
+    let normalised = if normalised.is_nan() { f32::INFINITY } else { normalised };
+    ERROR_BINS.iter().find(|(upper, _)| normalised < *upper).map_or([165, 0, 38], |(_, c)| *c)
+}
+
+/// KITTI-style error image; pixels without ground truth are black.
+pub fn error_map(prediction: &DisparityMap, truth: &DisparityMap) -> RgbImage {
+    let raw: Vec<u8> = prediction.values().iter().zip(truth.values()).flat_map(|(&p, &t)| error_color(p, t)).collect();
+    RgbImage::from_raw(prediction.width(), prediction.height(), raw).expect("three bytes per pixel")
+}
+
+/// Why ground truth could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GroundTruthError {
+    #[error("{0}")]
+    Pfm(#[from] pfm::PfmError),
+    #[error("{0}")]
+    Kitti(#[from] kitti::KittiError),
+    #[error("not a PFM or PNG disparity file")]
+    UnknownFormat,
+    #[error("an 8-bit ground-truth PNG needs its scale (disparity = value / scale); none was given")]
+    MissingScale,
+    #[error("unsupported ground-truth PNG: {0}")]
+    BadPng(String),
+}
+
+/// Reads ground truth from bytes, telling the kinds apart by content: PFM,
+/// 16-bit PNG (KITTI convention) or 8-bit PNG (needs `scale8`). PNG headers are
+/// checked against `max_pixels` before decoding; a PFM cannot declare more
+/// pixels than its bytes hold.
+pub fn decode_ground_truth(
+    bytes: &[u8],
+    scale8: Option<f32>,
+    max_pixels: u64,
+) -> Result<DisparityMap, GroundTruthError> {
+    if bytes.starts_with(b"Pf") || bytes.starts_with(b"PF") {
+        return Ok(pfm::decode(bytes)?);
+    }
+    if !bytes.starts_with(b"\x89PNG") {
+        return Err(GroundTruthError::UnknownFormat);
+    }
+    crate::decode::probe(bytes, max_pixels).map_err(|e| GroundTruthError::BadPng(e.to_string()))?;
+    let image = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
+        .map_err(|e| GroundTruthError::BadPng(e.to_string()))?;
+    match image {
+        image::DynamicImage::ImageLuma16(_) => Ok(kitti::decode_png16(bytes)?),
+        image::DynamicImage::ImageLuma8(grey) => {
+            let scale = scale8.ok_or(GroundTruthError::MissingScale)?;
+            let (w, h) = grey.dimensions();
+            let values = grey.into_raw().into_iter().map(|v| if v == 0 { f32::INFINITY } else { f32::from(v) / scale });
+            Ok(DisparityMap::new(w, h, values.collect()).expect("one value per pixel"))
+        }
+        other => Err(GroundTruthError::BadPng(format!(
+            "{:?} pixels; expected 16-bit grey (KITTI) or 8-bit grey with a scale",
+            other.color()
+        ))),
+    }
+}
+
+/// One pair found on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairFiles {
+    pub name: String,
+    pub left: PathBuf,
+    pub right: PathBuf,
+    pub ground_truth: Option<PathBuf>,
+    /// From `pair.json` `{"gt_scale": N}`, for 8-bit ground truth.
+    pub gt_scale: Option<f32>,
+}
+
+const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"];
+/// Ground-truth file names, in order of preference (exact formats first).
+const GROUND_TRUTH_FILES: [&str; 3] = ["disp_gt.pfm", "disp_gt_kitti16.png", "disp_gt.png"];
+
+fn find_image(dir: &Path, stem: &str) -> Option<PathBuf> {
+    IMAGE_EXTENSIONS.iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| p.is_file())
+}
+
+/// The pair in `dir`, if it holds `left.*` and `right.*`.
+pub fn pair_in(dir: &Path) -> Option<PairFiles> {
+    let left = find_image(dir, "left")?;
+    let right = find_image(dir, "right")?;
+    let ground_truth = GROUND_TRUTH_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file());
+    let gt_scale = std::fs::read_to_string(dir.join("pair.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|json| json["gt_scale"].as_f64())
+        .map(|s| s as f32);
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
+    Some(PairFiles { name, left, right, ground_truth, gt_scale })
+}
+
+/// `root` itself if it is a pair folder, else every pair folder below it
+/// (one level, then recursively), sorted by path.
+pub fn discover_pairs(root: &Path) -> std::io::Result<Vec<PairFiles>> {
+    if let Some(pair) = pair_in(root) {
+        return Ok(vec![pair]);
+    }
+    let mut found = Vec::new();
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(root)?.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    for dir in dirs {
+        found.extend(discover_pairs(&dir)?);
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(values: &[f32]) -> DisparityMap {
+        DisparityMap::new(values.len() as u32, 1, values.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn metrics_follow_the_benchmark_definitions() {
+        // Truth 10 px everywhere; errors 0.5, 1.5, 2.5, 3.5 and 0.
+        let truth = map(&[10.0, 10.0, 10.0, 10.0, 10.0]);
+        let pred = map(&[10.5, 11.5, 7.5, 13.5, 10.0]);
+        let m = evaluate(&pred, &truth, 192.0);
+        assert!((m.epe - 8.0 / 5.0).abs() < 1e-9);
+        assert_eq!(m.valid_pixels, 5);
+        assert!((m.bad1 - 60.0).abs() < 1e-9); // 1.5, 2.5, 3.5
+        assert!((m.bad2 - 40.0).abs() < 1e-9); // 2.5, 3.5
+        assert!((m.bad3 - 20.0).abs() < 1e-9); // 3.5
+        assert!((m.d1 - 20.0).abs() < 1e-9); // 3.5 > 3 and > 0.5
+    }
+
+    #[test]
+    fn d1_needs_both_three_pixels_and_five_percent() {
+        // Truth 100: an error of 4 px is > 3 px but < 5 % (5 px): not a D1 outlier.
+        let m = evaluate(&map(&[104.0, 106.0]), &map(&[100.0, 100.0]), 192.0);
+        assert!((m.d1 - 50.0).abs() < 1e-9);
+        assert!((m.bad3 - 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn invalid_and_out_of_range_truth_is_skipped_and_counted() {
+        let truth = map(&[f32::INFINITY, 0.0, 200.0, 192.0, f32::NAN, 5.0]);
+        let pred = map(&[1.0, 1.0, 1.0, 1.0, 1.0, 6.0]);
+        let m = evaluate(&pred, &truth, 192.0);
+        assert_eq!((m.valid_pixels, m.excluded_pixels), (1, 2));
+        assert!((m.epe - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn accumulators_pool_pixels_not_pairs() {
+        let mut a = Accumulator::default();
+        a.add(&map(&[1.0]), &map(&[2.0]), 192.0); // one pixel, error 1
+        let mut b = Accumulator::default();
+        b.add(&map(&[5.0, 5.0, 5.0]), &map(&[5.0, 5.0, 5.0]), 192.0); // three pixels, error 0
+        a.merge(&b);
+        let m = a.metrics();
+        assert_eq!(m.valid_pixels, 4);
+        assert!((m.epe - 0.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn error_colours_run_from_blue_to_red() {
+        assert_eq!(error_color(10.0, 10.0), [49, 54, 149]);
+        assert_eq!(error_color(10.0, f32::INFINITY), [0, 0, 0]);
+        // 3 px on a 100 px truth is only 3 %: normalised min(1.0, 0.6) = 0.6, not an outlier.
+        assert_eq!(error_color(103.0, 100.0), [224, 243, 248]);
+        assert_eq!(error_color(60.0, 10.0), [165, 0, 38]);
+        assert_eq!(error_color(f32::NAN, 10.0), [165, 0, 38]);
+        let image = error_map(&map(&[10.0, 0.0]), &map(&[10.0, 0.0]));
+        assert_eq!(image.get_pixel(1, 0).0, [0, 0, 0]);
+    }
+
+    #[test]
+    fn ground_truth_kinds_are_told_apart_by_content() {
+        let m = map(&[1.5, f32::INFINITY]);
+        assert_eq!(decode_ground_truth(&pfm::encode(&m), None, 100).unwrap(), m);
+        let from_png16 = decode_ground_truth(&kitti::encode_png16(&m), None, 100).unwrap();
+        assert_eq!(from_png16.values(), &[1.5, f32::INFINITY]);
+        let mut png8 = std::io::Cursor::new(Vec::new());
+        image::GrayImage::from_raw(2, 1, vec![12, 0]).unwrap().write_to(&mut png8, image::ImageFormat::Png).unwrap();
+        assert!(matches!(decode_ground_truth(png8.get_ref(), None, 100), Err(GroundTruthError::MissingScale)));
+        assert_eq!(decode_ground_truth(png8.get_ref(), Some(4.0), 100).unwrap().values(), &[3.0, f32::INFINITY]);
+        assert!(matches!(decode_ground_truth(b"GIF89a", None, 100), Err(GroundTruthError::UnknownFormat)));
+        // A PNG over the pixel limit is refused from its header.
+        assert!(matches!(decode_ground_truth(png8.get_ref(), Some(4.0), 1), Err(GroundTruthError::BadPng(_))));
+    }
+
+    #[test]
+    fn discovers_pair_folders_and_their_ground_truth() {
+        let root = std::env::temp_dir().join(format!("stereo-recon-discover-{}", std::process::id()));
+        let a = root.join("a");
+        let b = root.join("nested/b");
+        for dir in [&a, &b] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(a.join("left.png"), b"x").unwrap();
+        std::fs::write(a.join("right.png"), b"x").unwrap();
+        std::fs::write(a.join("disp_gt.pfm"), b"x").unwrap();
+        std::fs::write(a.join("disp_gt.png"), b"x").unwrap();
+        std::fs::write(b.join("left.jpg"), b"x").unwrap();
+        std::fs::write(b.join("right.jpg"), b"x").unwrap();
+        std::fs::write(b.join("pair.json"), br#"{"gt_scale": 4}"#).unwrap();
+        let pairs = discover_pairs(&root).unwrap();
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[0].name, "a");
+        assert_eq!(pairs[0].ground_truth, Some(a.join("disp_gt.pfm")), "PFM preferred");
+        assert_eq!(pairs[1].name, "b");
+        assert_eq!((pairs[1].ground_truth.clone(), pairs[1].gt_scale), (None, Some(4.0)));
+        assert_eq!(discover_pairs(&a).unwrap().len(), 1, "a pair folder is its own single pair");
+        std::fs::remove_dir_all(&root).ok();
+    }
+}
