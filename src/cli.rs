@@ -24,7 +24,11 @@ pub async fn serve(config: Config) -> ExitCode {
     };
     let state = AppState {
         engine: engine.clone(),
-        limits: Limits { max_upload_bytes: config.max_upload_bytes, max_pixels: config.max_pixels },
+        limits: Limits {
+            max_upload_bytes: config.max_upload_bytes,
+            max_pixels: config.max_pixels,
+            upload_timeout: std::time::Duration::from_secs(config.upload_timeout_secs),
+        },
         static_dir: config.static_dir.clone(),
         data_dir: config.data_dir.clone(),
     };

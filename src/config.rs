@@ -44,7 +44,13 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn engine_config(&self, queue_depth: usize) -> EngineConfig {
-        EngineConfig { model_path: self.model_path.clone(), device: self.device, queue_depth, threads: self.threads }
+        EngineConfig {
+            model_path: self.model_path.clone(),
+            device: self.device,
+            queue_depth,
+            threads: self.threads,
+            faults: None,
+        }
     }
 }
 
@@ -66,6 +72,9 @@ pub struct Config {
     /// it: PSMNet's cost volume needs about 3 KB per pixel at the full 192 disparities.
     #[arg(long, env = "STEREO_RECON_MAX_PIXELS", default_value_t = 2_100_000)]
     pub max_pixels: u64,
+    /// Seconds a client may take to upload its request body; slower uploads get 408.
+    #[arg(long, env = "STEREO_RECON_UPLOAD_TIMEOUT_SECS", default_value_t = 60)]
+    pub upload_timeout_secs: u64,
     /// Requests allowed to wait while one is computed; further requests get 503 at once.
     #[arg(long, env = "STEREO_RECON_QUEUE_DEPTH", default_value_t = 4)]
     pub queue_depth: usize,

@@ -277,7 +277,7 @@ async fn upload_errors_are_clear_json_with_the_right_status() {
 #[tokio::test]
 async fn size_limits_answer_413() {
     let engine = failed_engine().await;
-    let limits = Limits { max_upload_bytes: 20_000, max_pixels: 64 * 48 - 1 };
+    let limits = Limits { max_upload_bytes: 20_000, max_pixels: 64 * 48 - 1, ..DEFAULT_LIMITS };
     let app = stereo_recon::router(state(engine, limits));
     let (left, right) = small_pair();
     let uri = "/api/v1/disparity";

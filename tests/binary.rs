@@ -137,7 +137,7 @@ fn http(address: SocketAddr, request: &[u8]) -> (u16, Vec<u8>) {
 }
 
 #[test]
-fn serve_answers_on_a_socket_and_exits_cleanly_on_sigterm() {
+fn serve_answers_on_a_socket_and_drains_on_sigterm() {
     let mut child = Command::new(BIN)
         .args(["serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--model"])
         .arg(model_path())
@@ -172,20 +172,41 @@ fn serve_answers_on_a_socket_and_exits_cleanly_on_sigterm() {
         assert!(Instant::now() < deadline, "model did not become ready in time");
         std::thread::sleep(Duration::from_millis(200));
     }
+    let pfm_request = |left: &[u8], right: &[u8]| {
+        let (content_type, body) = multipart(&[("left", left), ("right", right)]);
+        let mut request = format!(
+            "POST /api/v1/disparity?format=pfm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        request
+    };
     let (left, right) = small_pair();
-    let (content_type, body) = multipart(&[("left", &left), ("right", &right)]);
-    let mut request = format!(
-        "POST /api/v1/disparity?format=pfm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(&body);
-    let (status, body) = http(address, &request);
+    let (status, body) = http(address, &pfm_request(&left, &right));
     assert_eq!(status, 200);
     assert_eq!(pfm::decode(&body).unwrap().width(), 64);
 
+    // SIGTERM while a request is being computed: it still gets its answer
+    // (graceful drain), new connections are no longer accepted, and the
+    // process exits 0.
+    let (left, right) = fixture_pair();
+    let in_flight = pfm_request(&left, &right);
+    let pending = std::thread::spawn(move || http(address, &in_flight));
+    loop {
+        let (_, health) = http(address, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let health: serde_json::Value = serde_json::from_slice(&health).unwrap();
+        if health["queue"]["in_flight"] == 1 {
+            break;
+        }
+        assert!(!pending.is_finished(), "the request finished before it was seen in flight");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(killed.success());
+    let (status, body) = pending.join().unwrap();
+    assert_eq!(status, 200, "the in-flight request was not drained");
+    assert_eq!(pfm::decode(&body).unwrap().width(), 300);
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -195,6 +216,7 @@ fn serve_answers_on_a_socket_and_exits_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status:?}");
+    assert!(TcpStream::connect(address).is_err(), "still accepting connections after exit");
     let logs: Vec<String> = rx.try_iter().collect();
     assert!(logs.iter().any(|l| l.contains("request done") && l.contains("inference_ms")), "{logs:?}");
 }

@@ -18,6 +18,7 @@ use crate::decode::decode_rgb;
 use crate::disparity::{DisparityMap, DisparityStats};
 use crate::engine::StereoPair;
 use crate::eval::{decode_ground_truth, error_map, evaluate, Metrics};
+use crate::preprocess::PadRule;
 
 /// What the client wants back.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -145,6 +146,27 @@ async fn decode_pair(left: Bytes, right: Bytes, max_pixels: u64) -> Result<Stere
     Ok(StereoPair::new(left, right)?)
 }
 
+/// The network sees the padded input, so that is what must fit: a 100000 x 1
+/// image is small, but padded to 100000 x 256 it is not. The floor of one
+/// minimum-size input keeps tiny images (padded to 256 x 256) always allowed.
+fn check_padded_size(width: u32, height: u32, max_pixels: u64) -> Result<(), ApiError> {
+    let geometry = PadRule::PSMNET.geometry(width, height);
+    let pixels = geometry.padded_len() as u64;
+    let floor = u64::from(PadRule::PSMNET.min_size).pow(2);
+    let limit = max_pixels.max(floor);
+    if pixels > limit {
+        return Err(ApiError::PaddedTooLarge {
+            width,
+            height,
+            padded_width: geometry.padded_width,
+            padded_height: geometry.padded_height,
+            pixels,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 pub async fn disparity(
     State(state): State<AppState>,
     Extension(RequestStart(started)): Extension<RequestStart>,
@@ -157,7 +179,7 @@ pub async fn disparity(
             e.body_text()
         ))
     })?;
-    let upload = read_pair(request, state.limits.max_upload_bytes).await?;
+    let upload = read_pair(request, state.limits.max_upload_bytes, state.limits.upload_timeout).await?;
 
     let decode_started = Instant::now();
     let max_pixels = state.limits.max_pixels;
@@ -167,6 +189,7 @@ pub async fn disparity(
     });
     let pair = decode_pair(upload.left, upload.right, max_pixels).await?;
     let (width, height) = pair.dimensions();
+    check_padded_size(width, height, max_pixels)?;
     let truth = match truth {
         Some(task) => {
             let truth = task.await.map_err(|e| ApiError::Internal(format!("decode task: {e}")))??;
@@ -291,6 +314,17 @@ mod tests {
             assert_eq!(content_type, kind);
             assert!(!bytes.is_empty());
         }
+    }
+
+    #[test]
+    fn padded_size_is_what_counts() {
+        assert!(check_padded_size(1, 1, 1000).is_ok(), "tiny images always fit");
+        assert!(check_padded_size(1024, 1024, 1 << 20).is_ok());
+        let Err(ApiError::PaddedTooLarge { padded_width, padded_height, .. }) = check_padded_size(5000, 1, 1 << 20)
+        else {
+            panic!("a 5000 x 1 image pads to 5008 x 256 = 1.28 M pixels")
+        };
+        assert_eq!((padded_width, padded_height), (5008, 256));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub enum ApiError {
     InvalidMultipart(String),
     #[error("{0}")]
     InvalidQuery(String),
+    #[error("the request body did not arrive within {seconds} s")]
+    UploadTimeout { seconds: u64 },
+    #[error("a {width}x{height} image is padded to {padded_width}x{padded_height} for the network (sides multiples of 16, at least 256), {pixels} pixels, over the limit of {limit}")]
+    PaddedTooLarge { width: u32, height: u32, padded_width: u32, padded_height: u32, pixels: u64, limit: u64 },
     #[error("the request body is over the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("unsupported content type '{0}': send multipart/form-data or application/json")]
@@ -73,7 +77,8 @@ impl ApiError {
                 DecodeError::UnsupportedFormat(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 DecodeError::Empty | DecodeError::UnknownFormat | DecodeError::Corrupt(_) => StatusCode::BAD_REQUEST,
             },
-            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTooLarge { .. } | ApiError::PaddedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UploadTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Engine(e) => match e {
                 EngineError::NotReady
@@ -109,6 +114,8 @@ impl ApiError {
             ApiError::InvalidMultipart(_) => "invalid_multipart",
             ApiError::InvalidQuery(_) => "invalid_query",
             ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::PaddedTooLarge { .. } => "too_many_pixels",
+            ApiError::UploadTimeout { .. } => "upload_timeout",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Engine(e) => match e {
                 EngineError::NotReady => "model_loading",

@@ -14,7 +14,15 @@ use crate::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// `GET /api/v1/health`: 200 only when a request would be served now.
 pub async fn health(State(state): State<AppState>) -> Response {
-    let queue = json!({ "waiting": state.engine.queued(), "depth": state.engine.queue_depth() });
+    let stats = state.engine.stats();
+    let queue = json!({
+        "depth": state.engine.queue_depth(),
+        "in_flight": stats.in_flight,
+        "capacity": stats.capacity,
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "abandoned": stats.abandoned,
+    });
     match state.engine.status() {
         EngineStatus::Ready(info) => {
             Json(json!({ "status": "ready", "device": info.device, "queue": queue })).into_response()

@@ -17,7 +17,7 @@ pub mod upload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
@@ -35,8 +35,10 @@ pub use error::ApiError;
 pub struct Limits {
     /// Largest request body in bytes (both images together, after base64 for JSON).
     pub max_upload_bytes: usize,
-    /// Largest image, in pixels, per image.
+    /// Largest image, in pixels, per image; also bounds the padded network input.
     pub max_pixels: u64,
+    /// Longest a client may take to send its request body; slower uploads get 408.
+    pub upload_timeout: Duration,
 }
 
 /// Shared state of every handler.

@@ -9,6 +9,8 @@
 //!
 //! Only bytes come out of here; decoding happens elsewhere, off the async threads.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::extract::multipart::{Multipart, MultipartError, MultipartRejection};
 use axum::extract::{FromRequest, Request};
@@ -30,8 +32,16 @@ pub struct UploadedPair {
 
 const FIELDS: [FieldName; 3] = ["left", "right", "ground_truth"];
 
-/// Reads `left` and `right` from `request`, refusing bodies over `limit` bytes.
-pub async fn read_pair(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
+/// Reads `left` and `right` from `request`, refusing bodies over `limit` bytes
+/// and bodies that take longer than `timeout` to arrive (slow or stalled clients
+/// would otherwise hold a connection and its buffers for ever).
+pub async fn read_pair(request: Request, limit: usize, timeout: Duration) -> Result<UploadedPair, ApiError> {
+    tokio::time::timeout(timeout, read_pair_untimed(request, limit))
+        .await
+        .map_err(|_| ApiError::UploadTimeout { seconds: timeout.as_secs() })?
+}
+
+async fn read_pair_untimed(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
     let content_type =
         request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     // A declared length over the limit is refused before reading anything.

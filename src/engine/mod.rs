@@ -4,9 +4,11 @@
 //! at a time best, so the model lives on a single dedicated thread (the design
 //! of text-embeddings-inference's backend thread). Requests reach it through a
 //! bounded channel carrying the input pair, a oneshot reply and the request's
-//! tracing span. When the channel is full, [`Engine::predict`] fails at once
-//! with [`EngineError::QueueFull`] instead of letting requests pile up; a job
-//! whose client has gone away by the time it is taken is skipped.
+//! tracing span. Admission is a semaphore of `queue_depth + 1` places held by
+//! the *requests*: when all are taken, [`Engine::predict`] fails at once with
+//! [`EngineError::QueueFull`] instead of letting requests pile up, and a
+//! request that goes away frees its place at once (its queued job is emptied
+//! and skipped by the engine).
 //!
 //! This module knows nothing of HTTP: the API layer maps [`EngineError`] to
 //! status codes.
@@ -15,12 +17,12 @@ mod model;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use image::Rgb32FImage;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::Span;
 
 use crate::disparity::DisparityMap;
@@ -36,6 +38,8 @@ pub struct EngineConfig {
     pub queue_depth: usize,
     /// libtorch intra-op threads on CPU; 0 keeps libtorch's default (all cores).
     pub threads: usize,
+    /// Test hook for failure paths; `None` in production.
+    pub faults: Option<Arc<FaultInjector>>,
 }
 
 /// A rectified stereo pair, both images the same size, RGB in [0, 1].
@@ -138,11 +142,77 @@ pub enum EngineError {
     Inference(String),
 }
 
+/// One request's input, shared between the waiting request and the queued job.
+/// A request that goes away empties it, so an abandoned job in the channel keeps
+/// no image memory alive and the engine knows to skip it.
+type PairSlot = Arc<Mutex<Option<StereoPair>>>;
+
 struct Job {
-    pair: StereoPair,
+    pair: PairSlot,
     reply: oneshot::Sender<Result<Prediction, EngineError>>,
     span: Span,
     enqueued: Instant,
+}
+
+/// Empties the request's pair slot when the request future is dropped.
+struct AbandonOnDrop(PairSlot);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.take();
+        }
+    }
+}
+
+/// Counters of what the engine has done, for `/api/v1/health` and tests.
+#[derive(Debug, Default)]
+struct Counters {
+    completed: AtomicU64,
+    failed: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+/// A snapshot of the engine's load and history.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Requests admitted at once: the running one plus `queue_depth` waiting.
+    pub capacity: usize,
+    /// Requests admitted now (running or waiting).
+    pub in_flight: usize,
+    pub completed: u64,
+    pub failed: u64,
+    /// Jobs skipped because their client went away before they ran.
+    pub abandoned: u64,
+}
+
+/// Ways to make upcoming inferences fail, to prove that one failure affects
+/// only its own request. Production servers never arm it (it is not reachable
+/// from the command line); tests do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Call the network with a malformed input, so libtorch itself raises an error.
+    TorchError,
+    /// Fail as a CUDA out-of-memory error does.
+    OutOfMemory,
+    /// Panic inside the inference code.
+    Panic,
+}
+
+/// Queue of faults the engine thread consumes, one per inference.
+#[derive(Debug, Default)]
+pub struct FaultInjector {
+    pending: Mutex<std::collections::VecDeque<Fault>>,
+}
+
+impl FaultInjector {
+    pub fn arm(&self, fault: Fault) {
+        self.pending.lock().expect("fault queue").push_back(fault);
+    }
+
+    fn next(&self) -> Option<Fault> {
+        self.pending.lock().ok()?.pop_front()
+    }
 }
 
 /// Cheap, cloneable handle to the engine thread.
@@ -151,6 +221,10 @@ pub struct Engine {
     jobs: mpsc::Sender<Job>,
     status: watch::Receiver<EngineStatus>,
     queue_depth: usize,
+    /// Admission: `queue_depth + 1` permits, held by requests (not by jobs), so
+    /// a request that goes away frees its place at once.
+    admission: Arc<Semaphore>,
+    counters: Arc<Counters>,
     /// Moving average of recent inference times in ms, kept by the engine thread.
     average_inference_ms: Arc<AtomicU64>,
 }
@@ -160,14 +234,25 @@ impl Engine {
     /// background, so the caller can start serving (health says 503) at once.
     pub fn start(config: EngineConfig) -> std::io::Result<Engine> {
         let queue_depth = config.queue_depth.max(1);
-        let (jobs, receiver) = mpsc::channel(queue_depth);
+        // Admission is bounded by the semaphore; the channel only needs room for
+        // admitted jobs plus abandoned (empty) ones the engine has not yet skipped.
+        let (jobs, receiver) = mpsc::channel(4 * (queue_depth + 1));
         let (status_tx, status) = watch::channel(EngineStatus::Loading);
+        let counters = Arc::new(Counters::default());
         let average_inference_ms = Arc::new(AtomicU64::new(0));
-        let average = average_inference_ms.clone();
+        let shared =
+            model::EngineShared { counters: counters.clone(), average_inference_ms: average_inference_ms.clone() };
         std::thread::Builder::new()
             .name("psmnet-engine".into())
-            .spawn(move || model::run_engine(config, receiver, status_tx, average))?;
-        Ok(Engine { jobs, status, queue_depth, average_inference_ms })
+            .spawn(move || model::run_engine(config, receiver, status_tx, shared))?;
+        Ok(Engine {
+            jobs,
+            status,
+            queue_depth,
+            admission: Arc::new(Semaphore::new(queue_depth + 1)),
+            counters,
+            average_inference_ms,
+        })
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -190,37 +275,45 @@ impl Engine {
     }
 
     /// Queues `pair` and waits for its disparity. Fails at once with
-    /// `QueueFull` when `queue_depth` requests are already waiting.
+    /// `QueueFull` when one request is running and `queue_depth` are waiting.
     ///
-    /// Dropping the returned future (client gone) makes the engine skip the job
-    /// if it has not started yet.
+    /// Dropping the returned future (client gone) frees the request's place
+    /// immediately; if its job has not started, the engine skips it.
     pub async fn predict(&self, pair: StereoPair) -> Result<Prediction, EngineError> {
         match &*self.status.borrow() {
             EngineStatus::Ready(_) => {}
             EngineStatus::Loading => return Err(EngineError::NotReady),
             EngineStatus::Failed(why) => return Err(EngineError::Load(why.clone())),
         }
+        let full = || EngineError::QueueFull { depth: self.queue_depth, retry_after_secs: self.estimated_drain_secs() };
+        let _permit = self.admission.clone().try_acquire_owned().map_err(|_| full())?;
+        let slot: PairSlot = Arc::new(Mutex::new(Some(pair)));
+        let _abandon = AbandonOnDrop(slot.clone());
         let (reply, answer) = oneshot::channel();
-        let job = Job { pair, reply, span: Span::current(), enqueued: Instant::now() };
+        let job = Job { pair: slot, reply, span: Span::current(), enqueued: Instant::now() };
         self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                EngineError::QueueFull { depth: self.queue_depth, retry_after_secs: self.estimated_drain_secs() }
-            }
+            mpsc::error::TrySendError::Full(_) => full(),
             mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
         })?;
         answer.await.map_err(|_| EngineError::Stopped)?
-    }
-
-    /// Jobs waiting now (not counting the one running).
-    pub fn queued(&self) -> usize {
-        self.queue_depth - self.jobs.capacity()
     }
 
     pub fn queue_depth(&self) -> usize {
         self.queue_depth
     }
 
-    /// Rough seconds until a queue slot frees: a full queue plus the running job.
+    pub fn stats(&self) -> EngineStats {
+        let capacity = self.queue_depth + 1;
+        EngineStats {
+            capacity,
+            in_flight: capacity - self.admission.available_permits(),
+            completed: self.counters.completed.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
+            abandoned: self.counters.abandoned.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Rough seconds until a place frees: the running job plus a full queue.
     fn estimated_drain_secs(&self) -> u64 {
         let per_job_ms = self.average_inference_ms.load(Ordering::Relaxed);
         (per_job_ms * (self.queue_depth as u64 + 1)).div_ceil(1000).max(1)

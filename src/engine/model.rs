@@ -14,7 +14,7 @@ use tch::{CModule, Device, Kind, Tensor};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::{EngineConfig, EngineError, EngineStatus, Job, ModelInfo, Prediction, StereoPair};
+use super::{EngineConfig, EngineError, EngineStatus, Fault, FaultInjector, Job, ModelInfo, Prediction, StereoPair};
 use crate::disparity::DisparityMap;
 use crate::preprocess::{crop, normalise_and_pad, PadRule};
 
@@ -227,13 +227,39 @@ fn torch_error(e: tch::TchError) -> EngineError {
     }
 }
 
+/// State the engine thread shares with its [`Engine`](super::Engine) handles.
+pub(super) struct EngineShared {
+    pub counters: Arc<super::Counters>,
+    pub average_inference_ms: Arc<AtomicU64>,
+}
+
+impl StereoModel {
+    /// `predict`, or the failure a test armed for this inference.
+    fn predict_or_fault(&self, pair: &StereoPair, faults: Option<&FaultInjector>) -> Result<DisparityMap, EngineError> {
+        match faults.and_then(FaultInjector::next) {
+            None => self.predict(pair),
+            Some(Fault::TorchError) => {
+                // One channel where the network expects three: libtorch raises a real error.
+                let _no_grad = tch::no_grad_guard();
+                let wrong = Tensor::f_zeros([1, 1, 256, 256], (Kind::Float, self.device)).map_err(torch_error)?;
+                let _unexpected = self.module.forward_ts(&[&wrong, &wrong]).map_err(torch_error)?;
+                Err(EngineError::Inference("a malformed input was accepted".into()))
+            }
+            Some(Fault::OutOfMemory) => Err(torch_error(tch::TchError::Torch(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)".into(),
+            ))),
+            Some(Fault::Panic) => panic!("injected fault: panic during inference"),
+        }
+    }
+}
+
 /// Body of the engine thread: load, warm up, then serve jobs until every
 /// [`Engine`](super::Engine) handle is dropped.
 pub(super) fn run_engine(
     config: EngineConfig,
     mut jobs: mpsc::Receiver<Job>,
     status: watch::Sender<EngineStatus>,
-    average_inference_ms: Arc<AtomicU64>,
+    shared: EngineShared,
 ) {
     let started = Instant::now();
     let model = match StereoModel::load(&config) {
@@ -252,7 +278,11 @@ pub(super) fn run_engine(
     let blank = image::Rgb32FImage::new(model.rule.min_size, model.rule.min_size);
     let warmup = StereoPair::new(blank.clone(), blank).expect("same size");
     match catch_unwind(AssertUnwindSafe(|| model.predict(&warmup))) {
-        Ok(Ok(_)) => info!(elapsed_ms = warmup_started.elapsed().as_millis() as u64, "warm-up pass done"),
+        Ok(Ok(_)) => {
+            let ms = warmup_started.elapsed().as_millis() as u64;
+            shared.average_inference_ms.store(ms, Ordering::Relaxed);
+            info!(elapsed_ms = ms, "warm-up pass done");
+        }
         Ok(Err(e)) => {
             error!(error = %e, "warm-up pass failed");
             status.send_replace(EngineStatus::Failed(format!("warm-up inference failed: {e}")));
@@ -265,25 +295,35 @@ pub(super) fn run_engine(
     }
     status.send_replace(EngineStatus::Ready(Arc::new(model.info.clone())));
 
+    let counters = &shared.counters;
     while let Some(job) = jobs.blocking_recv() {
         let _span = job.span.enter();
-        if job.reply.is_closed() {
+        // Taking the pair out empties the slot: from here the job owns its input.
+        let pair = job.pair.lock().ok().and_then(|mut slot| slot.take());
+        let Some(pair) = pair.filter(|_| !job.reply.is_closed()) else {
+            counters.abandoned.fetch_add(1, Ordering::Relaxed);
             debug!("client went away while queued; skipping");
             continue;
-        }
+        };
         let queue = job.enqueued.elapsed();
         let begun = Instant::now();
-        let result = match catch_unwind(AssertUnwindSafe(|| model.predict(&job.pair))) {
+        let result = match catch_unwind(AssertUnwindSafe(|| model.predict_or_fault(&pair, config.faults.as_deref()))) {
             Ok(result) => result,
             Err(_) => Err(EngineError::Inference("the inference code panicked".into())),
         };
         let inference = begun.elapsed();
-        // Exponential moving average, weight 1/4 on the newest job.
-        let ms = inference.as_millis() as u64;
-        let old = average_inference_ms.load(Ordering::Relaxed);
-        average_inference_ms.store(if old == 0 { ms } else { (3 * old + ms) / 4 }, Ordering::Relaxed);
-        if let Err(e) = &result {
-            warn!(error = %e, "inference failed");
+        match &result {
+            Ok(_) => {
+                counters.completed.fetch_add(1, Ordering::Relaxed);
+                // Exponential moving average, weight 1/4 on the newest job.
+                let ms = inference.as_millis() as u64;
+                let old = shared.average_inference_ms.load(Ordering::Relaxed);
+                shared.average_inference_ms.store(if old == 0 { ms } else { (3 * old + ms) / 4 }, Ordering::Relaxed);
+            }
+            Err(e) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "inference failed");
+            }
         }
         // The receiver may have gone while we ran; nothing to do then.
         let _ = job.reply.send(result.map(|disparity| Prediction { disparity, queue, inference }));

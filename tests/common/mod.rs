@@ -2,8 +2,11 @@
 //! builders and image fixtures.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod loadgen;
+
 use std::io::Cursor;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
@@ -28,7 +31,7 @@ pub fn model_path() -> PathBuf {
 }
 
 pub fn engine_config(model_path: PathBuf, queue_depth: usize) -> EngineConfig {
-    EngineConfig { model_path, device: DeviceChoice::Cpu, queue_depth, threads: 0 }
+    EngineConfig { model_path, device: DeviceChoice::Cpu, queue_depth, threads: 0, faults: None }
 }
 
 /// An engine with the real model, loaded and warmed up.
@@ -46,7 +49,8 @@ pub async fn failed_engine() -> Engine {
     engine
 }
 
-pub const DEFAULT_LIMITS: Limits = Limits { max_upload_bytes: 16 * 1024 * 1024, max_pixels: 1_000_000 };
+pub const DEFAULT_LIMITS: Limits =
+    Limits { max_upload_bytes: 16 * 1024 * 1024, max_pixels: 1_000_000, upload_timeout: Duration::from_secs(30) };
 
 pub fn state(engine: Engine, limits: Limits) -> AppState {
     AppState { engine, limits, static_dir: repo().join("static"), data_dir: repo().join("data") }
