@@ -179,6 +179,13 @@ pub async fn disparity(
             e.body_text()
         ))
     })?;
+    if let Err(full) = state.engine.check_capacity() {
+        // The body is left unread, so this connection cannot carry another
+        // request; say so, and the client opens a fresh one.
+        let mut response = ApiError::from(full).into_response();
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(response);
+    }
     let upload = read_pair(request, state.limits.max_upload_bytes, state.limits.upload_timeout).await?;
 
     let decode_started = Instant::now();

@@ -298,6 +298,20 @@ impl Engine {
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
+    /// Refuses at once when every place is taken, so a busy server answers 503
+    /// before spending time on reading and decoding an upload it cannot serve.
+    /// (A place can still be taken between this check and [`Engine::predict`],
+    /// which checks again.)
+    pub fn check_capacity(&self) -> Result<(), EngineError> {
+        if self.admission.available_permits() == 0 {
+            return Err(EngineError::QueueFull {
+                depth: self.queue_depth,
+                retry_after_secs: self.estimated_drain_secs(),
+            });
+        }
+        Ok(())
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.queue_depth
     }

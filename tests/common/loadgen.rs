@@ -142,8 +142,24 @@ pub async fn run(config: LoadConfig) -> LoadReport {
     LoadReport { outcomes, elapsed: started.elapsed() }
 }
 
-/// One request on a (re)used connection; returns the status and Retry-After.
+/// One request on a kept-alive connection, as HTTP clients do it: a reused
+/// connection that turns out closed (no response byte at all) is retried once
+/// on a fresh one, and `Connection: close` in a response ends the connection.
 async fn exchange(
+    config: &LoadConfig,
+    connection: &mut Option<BufReader<TcpStream>>,
+) -> std::io::Result<(u16, Option<String>)> {
+    let reused = connection.is_some();
+    match exchange_once(config, connection).await {
+        Err(e) if reused && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            *connection = None;
+            exchange_once(config, connection).await
+        }
+        other => other,
+    }
+}
+
+async fn exchange_once(
     config: &LoadConfig,
     connection: &mut Option<BufReader<TcpStream>>,
 ) -> std::io::Result<(u16, Option<String>)> {
@@ -158,9 +174,23 @@ async fn exchange(
         config.content_type,
         config.body.len()
     );
-    stream.get_mut().write_all(head.as_bytes()).await?;
-    stream.get_mut().write_all(&config.body).await?;
-    read_response(stream).await.map(|(status, headers, _)| (status, headers.get("retry-after").cloned()))
+    // The server may answer (and close) before reading the whole body; a write
+    // error then is not the outcome, the response is.
+    let sent = async {
+        stream.get_mut().write_all(head.as_bytes()).await?;
+        stream.get_mut().write_all(&config.body).await
+    }
+    .await;
+    let response = read_response(stream).await;
+    let (status, headers, _) = match (response, sent) {
+        (Ok(response), _) => response,
+        (Err(e), Err(write_error)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(write_error),
+        (Err(e), _) => return Err(e),
+    };
+    if headers.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+        *connection = None;
+    }
+    Ok((status, headers.get("retry-after").cloned()))
 }
 
 /// Reads one HTTP/1.1 response with a Content-Length body.
@@ -170,7 +200,7 @@ pub async fn read_response(
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     let mut line = String::new();
     if stream.read_line(&mut line).await? == 0 {
-        return Err(bad("connection closed before a response"));
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed before a response"));
     }
     let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("status line"))?;
     let mut headers = BTreeMap::new();
