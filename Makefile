@@ -29,19 +29,21 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model
+.PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
+	browser-deps load fuzz
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
 	@echo "make test    set up and run the whole test suite (CI runs this)"
 	@echo "make model   only produce $(MODEL)"
 	@echo "make accuracy / make parity   EPE/D1 table; Rust vs eager PyTorch (uses $(SHARED) if present)"
+	@echo "make load    60 s load test;  make fuzz   5 min of libFuzzer on the upload decoder"
 	@echo "Downloads are cached in $(CACHE)."
 
 run: model release
 	./target/release/stereo-recon serve $(ARGS)
 
-test: model parity-fixtures
+test: model parity-fixtures browser-deps
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
 	if command -v cargo-nextest >/dev/null; then \
@@ -68,6 +70,31 @@ $(WEIGHTS): models/fetch_weights.py | $(VENV)/.installed
 
 $(MODEL): $(WEIGHTS) models/psmnet.py models/export.py models/reference.py $(VENV)/.installed
 	$(PYTHON) models/export.py --checkpoint $(WEIGHTS) --out $@
+
+# Debian's Chromium and chromedriver for tests/browser.rs (installed only when missing).
+browser-deps:
+	@if { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || [ -n "$${STEREO_RECON_CHROMEDRIVER:-}" ]; then \
+		exit 0; \
+	fi; \
+	echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else \
+		echo "the browser test needs chromium and chromium-driver: install them as root" >&2; exit 1; fi; \
+	$$SUDO apt-get update -qq; \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+
+# Load test against the release binary (README "Robustness"); options after --.
+LOAD_ARGS ?= --clients 8 --seconds 60 --queue-depth 2 --json target/load-report.json
+load: model
+	cargo bench --locked --bench load -- $(LOAD_ARGS)
+
+# Fuzz the upload decode/validate path with libFuzzer (cargo install cargo-fuzz).
+# RUSTC_BOOTSTRAP lets the stable toolchain take the -Z flags cargo-fuzz passes.
+FUZZ_SECONDS ?= 300
+fuzz:
+	mkdir -p tests/fuzz/corpus/decode_upload
+	RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz --sanitizer none decode_upload \
+		tests/fuzz/corpus/decode_upload tests/fuzz/seeds -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+		-max_len=65536 -print_final_stats=1
 
 # Eager PyTorch disparities of the test pairs, for the Rust parity test.
 parity-fixtures: $(PARITY_OUT)

@@ -16,6 +16,9 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    if env::var_os("CARGO_FEATURE_ENGINE").is_none() {
+        return; // the pure core links no libtorch
+    }
     // Set by torch-sys (`links = "tch"`, `cargo:libtorch_lib=...`).
     let lib = PathBuf::from(
         env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report its libtorch folder (DEP_TCH_LIBTORCH_LIB)"),

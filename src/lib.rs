@@ -4,36 +4,46 @@
 //! [`router`] builds the whole HTTP app from an [`AppState`], and [`serve`] runs
 //! it on a listener until a shutdown future resolves. `main.rs` only parses the
 //! command line and calls in here.
+//!
+//! Everything that needs libtorch (the engine, and the server and CLI built on
+//! it) sits behind the default `engine` feature. Without it the crate is the
+//! pure core: decoding, preprocessing, codecs, evaluation and the synthetic
+//! scene, which the fuzz targets in `tests/fuzz` build in seconds.
 
+#[cfg(feature = "engine")]
 pub mod api;
+#[cfg(feature = "engine")]
 pub mod cli;
 pub mod codec;
+#[cfg(feature = "engine")]
 pub mod config;
 pub mod decode;
 pub mod disparity;
+#[cfg(feature = "engine")]
 pub mod engine;
 pub mod eval;
+#[cfg(feature = "engine")]
 mod page;
 pub mod preprocess;
 pub mod synthetic;
 
-use std::future::Future;
-
-use tokio::net::TcpListener;
-
+#[cfg(feature = "engine")]
 pub use api::{router, AppState, Limits};
 
 /// libtorch version this binary was built against (from the torch wheel).
+#[cfg(feature = "engine")]
 pub const LIBTORCH_VERSION: &str = env!("STEREO_RECON_LIBTORCH_VERSION");
 /// Whether `libtorch_cuda.so` is linked in, i.e. whether CUDA can work at all.
+#[cfg(feature = "engine")]
 pub const CUDA_LINKED: bool = matches!(env!("STEREO_RECON_LINKED_CUDA").as_bytes(), b"1");
 
 /// Serves the app on `listener` until `shutdown` resolves, then lets requests
 /// in flight finish (graceful shutdown) before returning.
+#[cfg(feature = "engine")]
 pub async fn serve(
-    listener: TcpListener,
+    listener: tokio::net::TcpListener,
     state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }

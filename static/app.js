@@ -89,7 +89,8 @@
       checkSizes();
     };
     preview.onerror = () => {
-      // Browsers cannot preview TIFF; the server can still read it.
+      // Browsers cannot preview TIFF; the server can still read it (or will say why not).
+      preview.hidden = true;
       $(`info-${side}`).textContent = `${name || "image"} (no preview in this browser)`;
     };
     preview.src = url;

@@ -1,0 +1,316 @@
+//! The upload page in a real browser: Debian's headless Chromium driven by
+//! chromedriver (W3C WebDriver), against the app on 127.0.0.1 with the real
+//! model. Uploads a pair with its ground truth, waits for the result, checks
+//! the disparity image, colour bar and scores, hovers for a value, triggers a
+//! server error and reads the message. Screenshots go to
+//! `target/browser-artifacts/` for people to look at.
+//!
+//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian packages
+//! `chromium chromium-driver`; `make test` installs them), or their paths in
+//! `STEREO_RECON_CHROMIUM` / `STEREO_RECON_CHROMEDRIVER`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use serde_json::{json, Value};
+
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+fn tool(env: &str, default: &str) -> PathBuf {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(default));
+    assert!(
+        path.is_file(),
+        "{} not found: install Debian's `chromium chromium-driver` (make test does) or set {env}",
+        path.display()
+    );
+    path
+}
+
+/// chromedriver on a free loopback port, killed on drop.
+struct Driver {
+    child: Child,
+    address: SocketAddr,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    fn start() -> Driver {
+        let binary = tool("STEREO_RECON_CHROMEDRIVER", "/usr/bin/chromedriver");
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let driver = Driver { child, address: SocketAddr::from(([127, 0, 0, 1], port)) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while driver.call("GET", "/status", None).map(|v| v["value"]["ready"] == true).unwrap_or(false) == false {
+            assert!(Instant::now() < deadline, "chromedriver did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        driver
+    }
+
+    /// One WebDriver command; returns the JSON answer or the WebDriver error.
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let mut stream = TcpStream::connect(self.address).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.address,
+            body.len()
+        )
+        .map_err(|e| e.to_string())?;
+        // chromedriver keeps connections open whatever we ask: read the head,
+        // then exactly the body it announces.
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 8192];
+        let split = loop {
+            if let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                break split;
+            }
+            let n = stream.read(&mut buffer).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed before the response head".into());
+            }
+            response.extend_from_slice(&buffer[..n]);
+        };
+        let head = String::from_utf8_lossy(&response[..split]).to_string();
+        let length = head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim().eq_ignore_ascii_case("content-length").then(|| value.trim().parse::<usize>().ok())?
+        });
+        let mut payload = response[split + 4..].to_vec();
+        match length {
+            Some(length) => {
+                while payload.len() < length {
+                    let n = stream.read(&mut buffer).map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("connection closed mid-body".into());
+                    }
+                    payload.extend_from_slice(&buffer[..n]);
+                }
+                payload.truncate(length);
+            }
+            None => {
+                stream.read_to_end(&mut payload).map_err(|e| e.to_string())?;
+                if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+                    payload = dechunk(&payload);
+                }
+            }
+        }
+        let value: Value = serde_json::from_slice(&payload).map_err(|e| format!("{e}: {head}"))?;
+        if value["value"].get("error").is_some() {
+            return Err(format!("{}: {}", value["value"]["error"], value["value"]["message"]));
+        }
+        Ok(value)
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") else { break };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 2 + size + 2..];
+    }
+    out
+}
+
+/// A browser session on top of the driver.
+struct Browser<'a> {
+    driver: &'a Driver,
+    session: String,
+}
+
+impl<'a> Browser<'a> {
+    fn open(driver: &'a Driver) -> Browser<'a> {
+        let chromium = tool("STEREO_RECON_CHROMIUM", "/usr/bin/chromium");
+        let capabilities = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                // Headless, as root in CI, with no network beyond loopback.
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1280,1100", "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--no-first-run", "--disable-extensions"],
+            },
+        }}});
+        let answer = driver.call("POST", "/session", Some(capabilities)).expect("browser session starts");
+        Browser { driver, session: answer["value"]["sessionId"].as_str().unwrap().to_owned() }
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let path = format!("/session/{}{path}", self.session);
+        self.driver.call(method, &path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))["value"].clone()
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    fn script(&self, script: &str) -> Value {
+        self.cmd("POST", "/execute/sync", Some(json!({ "script": script, "args": [] })))
+    }
+
+    fn element(&self, css: &str) -> String {
+        let found = self.cmd("POST", "/element", Some(json!({ "using": "css selector", "value": css })));
+        found[ELEMENT_KEY].as_str().unwrap_or_else(|| panic!("no element {css}: {found}")).to_owned()
+    }
+
+    fn click(&self, css: &str) {
+        let id = self.element(css);
+        self.cmd("POST", &format!("/element/{id}/click"), Some(json!({})));
+    }
+
+    /// Chooses a file in an `<input type=file>` (made visible first: WebDriver
+    /// only types into elements a user could reach).
+    fn choose_file(&self, input_id: &str, path: &std::path::Path) {
+        self.script(&format!("document.getElementById('{input_id}').hidden = false;"));
+        let id = self.element(&format!("#{input_id}"));
+        let text = path.canonicalize().unwrap().display().to_string();
+        self.cmd("POST", &format!("/element/{id}/value"), Some(json!({ "text": text })));
+        self.script(&format!("document.getElementById('{input_id}').hidden = true;"));
+    }
+
+    fn wait_for(&self, what: &str, script: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.script(script) != Value::Bool(true) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn text(&self, css: &str) -> String {
+        let js = format!("return document.querySelector('{css}').textContent;");
+        self.script(&js).as_str().unwrap_or_default().to_owned()
+    }
+
+    fn hover(&self, css: &str, dx: i64, dy: i64) {
+        let id = self.element(css);
+        let actions = json!({ "actions": [{
+            "type": "pointer", "id": "mouse", "parameters": { "pointerType": "mouse" },
+            "actions": [{ "type": "pointerMove", "duration": 0, "x": dx, "y": dy,
+                          "origin": { ELEMENT_KEY: id } }],
+        }]});
+        self.cmd("POST", "/actions", Some(actions));
+    }
+
+    fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.cmd("GET", "/screenshot", None);
+        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        let dir = repo().join("target/browser-artifacts");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for Browser<'_> {
+    fn drop(&mut self) {
+        let _ = self.driver.call("DELETE", &format!("/session/{}", self.session), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_computes_shows_and_explains_in_a_real_browser() {
+    let engine = ready_engine(2).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(stereo_recon::serve(listener, state(engine, DEFAULT_LIMITS), std::future::pending()));
+
+    // WebDriver calls block; run the browser side on a blocking thread.
+    let outcome = tokio::task::spawn_blocking(move || {
+        let driver = Driver::start();
+        let browser = Browser::open(&driver);
+        browser.goto(&format!("http://{address}/"));
+        browser.wait_for("the model to be ready", "return document.querySelector('.status-ready') !== null;", Duration::from_secs(30));
+
+        let fixtures = repo().join("tests/fixtures/synthetic_crop");
+        browser.choose_file("file-left", &fixtures.join("left.png"));
+        browser.choose_file("file-right", &fixtures.join("right.png"));
+        browser.choose_file("file-gt", &fixtures.join("disp_gt.pfm"));
+        browser.wait_for("the button to enable", "return !document.getElementById('compute').disabled;", Duration::from_secs(10));
+        browser.click("#compute");
+        browser.wait_for("the busy indicator", "return !document.getElementById('busy').hidden || !document.getElementById('result').hidden;", Duration::from_secs(10));
+        browser.wait_for(
+            "the result",
+            "return !document.getElementById('result').hidden && document.getElementById('result-disparity').naturalWidth > 0;",
+            Duration::from_secs(120),
+        );
+        assert_eq!(browser.script("return document.getElementById('busy').hidden;"), true, "busy state must end");
+        assert_eq!(browser.script("return document.getElementById('result-disparity').naturalWidth;"), 300);
+        assert_eq!(browser.script("return document.getElementById('result-disparity').naturalHeight;"), 250);
+        // Colour bar: drawn canvas and min/max labels in pixels.
+        let bar_pixels = browser.script(
+            "const c = document.getElementById('bar'); const d = c.getContext('2d').getImageData(0, 0, c.width, 1).data; return [d[0], d[1], d[2], d[4 * (c.width - 1)]];",
+        );
+        assert_eq!(bar_pixels, json!([35, 23, 27, 144]), "turbo end points on the colour bar");
+        let (lo, hi) = (browser.text("#bar-min"), browser.text("#bar-max"));
+        assert!(lo.ends_with(" px") && hi.ends_with(" px"), "{lo} / {hi}");
+        let lo: f64 = lo.trim_end_matches(" px").parse().unwrap();
+        let hi: f64 = hi.trim_end_matches(" px").parse().unwrap();
+        assert!(lo > 0.0 && lo < hi && hi < 60.0, "{lo} .. {hi}");
+        // Scores against the uploaded ground truth, and the error map.
+        let scores = browser.text("#evaluation");
+        assert!(scores.contains("EPE") && scores.contains("D1"), "{scores}");
+        assert_eq!(browser.script("return document.getElementById('result-error').naturalWidth;"), 300);
+        // Downloads are offered.
+        for link in ["dl-color", "dl-png16", "dl-pfm"] {
+            let href = browser.script(&format!("return document.getElementById('{link}').href;"));
+            assert!(href.as_str().unwrap().starts_with("blob:"), "{link}: {href}");
+        }
+
+        // Hovering shows the disparity under the cursor.
+        browser.hover("#result-disparity", 20, 10);
+        browser.wait_for("the hover readout", "return !document.getElementById('hover').hidden;", Duration::from_secs(5));
+        let readout = browser.text("#hover");
+        let value: f64 = readout
+            .split(": ")
+            .nth(1)
+            .and_then(|v| v.strip_suffix(" px"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("readout {readout:?}"));
+        assert!(value >= lo - 0.01 && value <= hi + 0.01, "{value} outside {lo}..{hi}");
+        let result_shot = browser.screenshot("result.png");
+
+        // A file that is no image: the server refuses, the page says why in plain words.
+        browser.choose_file("file-left", &repo().join("Cargo.toml"));
+        browser.click("#gt-clear");
+        browser.click("#compute");
+        browser.wait_for("the error message", "return !document.getElementById('error').hidden;", Duration::from_secs(30));
+        let message = browser.text("#error");
+        assert!(message.contains("left") && message.contains("not a recognised image"), "{message}");
+        assert_eq!(browser.script("return document.getElementById('result').hidden;"), true);
+        let error_shot = browser.screenshot("error.png");
+        (result_shot, error_shot)
+    })
+    .await
+    .expect("browser session");
+    for shot in [outcome.0, outcome.1] {
+        let image = image::open(&shot).unwrap();
+        assert!(image.width() >= 1000, "{}", shot.display());
+        println!("screenshot: {}", shot.display());
+    }
+}
