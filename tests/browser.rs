@@ -58,7 +58,7 @@ impl Driver {
             .expect("chromedriver starts");
         let driver = Driver { child, address: SocketAddr::from(([127, 0, 0, 1], port)) };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while driver.call("GET", "/status", None).map(|v| v["value"]["ready"] == true).unwrap_or(false) == false {
+        while !driver.call("GET", "/status", None).is_ok_and(|v| v["value"]["ready"] == true) {
             assert!(Instant::now() < deadline, "chromedriver did not become ready");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -108,12 +108,7 @@ impl Driver {
                 }
                 payload.truncate(length);
             }
-            None => {
-                stream.read_to_end(&mut payload).map_err(|e| e.to_string())?;
-                if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-                    payload = dechunk(&payload);
-                }
-            }
+            None => return Err(format!("no Content-Length in {head}")),
         }
         let value: Value = serde_json::from_slice(&payload).map_err(|e| format!("{e}: {head}"))?;
         if value["value"].get("error").is_some() {
@@ -121,20 +116,6 @@ impl Driver {
         }
         Ok(value)
     }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") else { break };
-        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
-        data = &data[line_end + 2 + size + 2..];
-    }
-    out
 }
 
 /// A browser session on top of the driver.
