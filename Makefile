@@ -30,7 +30,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps load fuzz
+	browser-deps load fuzz bench
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -38,6 +38,7 @@ help:
 	@echo "make model   only produce $(MODEL)"
 	@echo "make accuracy / make parity   EPE/D1 table; Rust vs eager PyTorch (uses $(SHARED) if present)"
 	@echo "make load    60 s load test;  make fuzz   5 min of libFuzzer on the upload decoder"
+	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...)"
 	@echo "Downloads are cached in $(CACHE)."
 
 run: model release
@@ -86,6 +87,12 @@ browser-deps:
 LOAD_ARGS ?= --clients 8 --seconds 60 --queue-depth 2 --json target/load-report.json
 load: model
 	cargo bench --locked --bench load -- $(LOAD_ARGS)
+
+# Speed: eager PyTorch vs TorchScript vs Rust engine vs HTTP, one run (README "Performance").
+BENCH_ARGS ?= --device cpu --sizes 256x512 --iters 5
+bench: model
+	cargo bench --locked --bench speed --no-run
+	$(PYTHON) models/bench.py --checkpoint $(WEIGHTS) --model $(MODEL) $(BENCH_ARGS) --json target/bench.json
 
 # Fuzz the upload decode/validate path with libFuzzer (cargo install cargo-fuzz).
 # RUSTC_BOOTSTRAP lets the stable toolchain take the -Z flags cargo-fuzz passes.

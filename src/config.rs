@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::{DeviceChoice, EngineConfig};
+use crate::engine::{DeviceChoice, EngineConfig, MemoryFormat};
 
 /// PSMNet stereo disparity: a web service, and the same engine on the command line.
 #[derive(Debug, Parser)]
@@ -40,6 +40,10 @@ pub struct ModelArgs {
     /// libtorch CPU threads for one inference; 0 uses every core.
     #[arg(long, env = "STEREO_RECON_THREADS", default_value_t = 0)]
     pub threads: usize,
+    /// Layout of the convolution weights: auto (channels-last on CPU, contiguous on CUDA),
+    /// contiguous or channels-last.
+    #[arg(long, env = "STEREO_RECON_MEMORY_FORMAT", default_value = "auto")]
+    pub memory_format: MemoryFormat,
 }
 
 impl ModelArgs {
@@ -49,6 +53,7 @@ impl ModelArgs {
             device: self.device,
             queue_depth,
             threads: self.threads,
+            memory_format: self.memory_format,
             faults: None,
         }
     }

@@ -7,7 +7,7 @@ use common::*;
 use stereo_recon::codec::pfm;
 use stereo_recon::decode::decode_rgb;
 use stereo_recon::disparity::DisparityMap;
-use stereo_recon::engine::{Engine, StereoPair};
+use stereo_recon::engine::{Engine, EngineConfig, MemoryFormat, StereoPair};
 
 fn pair_from_png(left: &[u8], right: &[u8]) -> StereoPair {
     StereoPair::new(decode_rgb(left, u64::MAX).unwrap(), decode_rgb(right, u64::MAX).unwrap()).unwrap()
@@ -59,6 +59,26 @@ async fn rust_output_matches_eager_pytorch() {
     println!("parity with eager PyTorch: mean |diff| {mean:.2e} px, max {max:.2e} px");
     assert!(mean < 0.01, "mean |diff| {mean} px");
     assert!(max < 0.5, "max |diff| {max} px");
+}
+
+#[tokio::test]
+async fn channels_last_weights_give_the_same_disparity() {
+    // The CPU default re-lays the convolution weights channels-last for speed;
+    // the answer must not change beyond float rounding.
+    let (left, right) = fixture_pair();
+    let mut maps = Vec::new();
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let config = EngineConfig { memory_format: format, ..engine_config(model_path(), 1) };
+        let engine = Engine::start(config).unwrap();
+        let info = engine.wait_ready().await.unwrap();
+        assert_eq!(info.memory_format, if format == MemoryFormat::Contiguous { "contiguous" } else { "channels-last" });
+        maps.push(predict(&engine, &left, &right).await);
+    }
+    let diffs: Vec<f32> = maps[0].values().iter().zip(maps[1].values()).map(|(a, b)| (a - b).abs()).collect();
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    let max = diffs.iter().copied().fold(0.0, f32::max);
+    println!("contiguous vs channels-last: mean |diff| {mean:.2e} px, max {max:.2e} px");
+    assert!(mean < 1e-3 && max < 0.05, "mean {mean}, max {max}");
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::Span;
 
 use crate::disparity::DisparityMap;
-pub use model::{DeviceChoice, ExportMetadata};
+pub use model::{DeviceChoice, ExportMetadata, MemoryFormat};
 
 /// Everything the engine thread needs to load and run the model.
 #[derive(Debug, Clone)]
@@ -38,6 +38,8 @@ pub struct EngineConfig {
     pub queue_depth: usize,
     /// libtorch intra-op threads on CPU; 0 keeps libtorch's default (all cores).
     pub threads: usize,
+    /// Layout of the convolution weights.
+    pub memory_format: MemoryFormat,
     /// Test hook for failure paths; `None` in production.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -111,6 +113,7 @@ pub struct ModelInfo {
     pub cuda_linked: bool,
     pub cuda_available: bool,
     pub precision: String,
+    pub memory_format: String,
     pub size_multiple: u32,
     pub min_size: u32,
 }

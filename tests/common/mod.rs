@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use bytes::Bytes;
 use image::{DynamicImage, ImageFormat, RgbImage};
-use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig};
+use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, MemoryFormat};
 use stereo_recon::{AppState, Limits};
 use tower::ServiceExt;
 
@@ -31,7 +31,14 @@ pub fn model_path() -> PathBuf {
 }
 
 pub fn engine_config(model_path: PathBuf, queue_depth: usize) -> EngineConfig {
-    EngineConfig { model_path, device: DeviceChoice::Cpu, queue_depth, threads: 0, faults: None }
+    EngineConfig {
+        model_path,
+        device: DeviceChoice::Cpu,
+        queue_depth,
+        threads: 0,
+        memory_format: MemoryFormat::Auto,
+        faults: None,
+    }
 }
 
 /// An engine with the real model, loaded and warmed up.
