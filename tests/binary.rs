@@ -3,11 +3,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::loadgen::ServerProcess;
 use common::*;
 use stereo_recon::codec::{kitti, pfm};
 
@@ -138,30 +140,10 @@ fn http(address: SocketAddr, request: &[u8]) -> (u16, Vec<u8>) {
 
 #[test]
 fn serve_answers_on_a_socket_and_drains_on_sigterm() {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--model"])
-        .arg(model_path())
-        .current_dir(repo())
-        .env("RUST_LOG", "stereo_recon=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The log line "listening on http://127.0.0.1:PORT" gives the port the OS chose.
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let args = ["--device".into(), "cpu".into(), "--model".into(), model_path().display().to_string()];
+    let mut server = ServerProcess::start(Path::new(BIN), &args, &repo());
+    let address = server.address;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let address: SocketAddr = loop {
-        let line = rx.recv_timeout(deadline - Instant::now()).expect("server logs its address");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
     // Health turns 200 once the model is warm.
     loop {
         let (status, _) = http(address, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
@@ -202,22 +184,13 @@ fn serve_answers_on_a_socket_and_drains_on_sigterm() {
         assert!(!pending.is_finished(), "the request finished before it was seen in flight");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    let (status, body) = pending.join().unwrap();
-    assert_eq!(status, 200, "the in-flight request was not drained");
+    let status = server.terminate(Duration::from_secs(20));
+    let (answer, body) = pending.join().unwrap();
+    assert_eq!(answer, 200, "the in-flight request was not drained");
     assert_eq!(pfm::decode(&body).unwrap().width(), 300);
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "server did not stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
     assert!(status.success(), "exit status {status:?}");
     assert!(TcpStream::connect(address).is_err(), "still accepting connections after exit");
-    let logs: Vec<String> = rx.try_iter().collect();
+    let logs: Vec<String> = server.log.try_iter().collect();
     assert!(logs.iter().any(|l| l.contains("request done") && l.contains("inference_ms")), "{logs:?}");
 }
 

@@ -14,15 +14,13 @@
 #[path = "../common/loadgen.rs"]
 mod loadgen;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loadgen::{rss_kib, LoadConfig};
+use loadgen::{multipart, rss_kib, LoadConfig, ServerProcess};
 
 struct Options {
     clients: usize,
@@ -59,21 +57,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn multipart(fields: &[(&str, &[u8])]) -> (String, Vec<u8>) {
-    let boundary = "stereo-recon-load-boundary";
-    let mut body = Vec::new();
-    for (name, bytes) in fields {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\nContent-Type: image/png\r\n\r\n")
-                .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
 fn crop_png(source: &image::RgbImage, x: u32, w: u32, h: u32) -> Vec<u8> {
     let crop = image::imageops::crop_imm(source, x, 150, w, h).to_image();
     let mut out = std::io::Cursor::new(Vec::new());
@@ -94,29 +77,10 @@ fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
 fn main() {
     let o = options();
     let model = std::env::var("STEREO_RECON_MODEL").unwrap_or_else(|_| "models/psmnet_kitti2015.pt".into());
-    let mut server = Command::new(env!("CARGO_BIN_EXE_stereo-recon"))
-        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--model", &model])
-        .args(["--queue-depth", &o.queue_depth.to_string()])
-        .current_dir(repo())
-        .env("RUST_LOG", "stereo_recon=warn,stereo_recon::cli=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the server");
-    let pid = server.id();
-    let stderr = BufReader::new(server.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let address: SocketAddr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("server logs its address");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    let args: Vec<String> =
+        ["--device", "cpu", "--model", &model, "--queue-depth", &o.queue_depth.to_string()].map(String::from).into();
+    let mut server = ServerProcess::start(Path::new(env!("CARGO_BIN_EXE_stereo-recon")), &args, &repo());
+    let (pid, address) = (server.pid(), server.address);
     let ready_by = Instant::now() + Duration::from_secs(120);
     while http_get(address, "/api/v1/health").map(|(s, _)| s) != Some(200) {
         assert!(Instant::now() < ready_by, "server not healthy in time");
@@ -198,8 +162,7 @@ fn main() {
     );
     println!("server health after: {health}");
 
-    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    let exit = server.wait().unwrap();
+    let exit = server.terminate(Duration::from_secs(60));
     println!("server exit after SIGTERM: {exit}");
 
     if let Some(path) = o.json {

@@ -14,14 +14,13 @@
 #[path = "../common/loadgen.rs"]
 mod loadgen;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use loadgen::{multipart, ServerProcess};
 use serde_json::json;
 use stereo_recon::decode::decode_rgb;
 use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, StereoPair};
@@ -191,46 +190,20 @@ fn main() {
     });
 
     // (d) The whole HTTP path against the real server binary.
-    let mut server = Command::new(&o.server_bin)
-        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--device", &o.device, "--queue-depth", "64"])
-        .args(["--memory-format", &o.memory_format])
-        .arg("--model")
-        .arg(&o.model)
-        .env("RUST_LOG", "stereo_recon=warn,stereo_recon::cli=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", o.server_bin.display()));
-    let stderr = BufReader::new(server.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let address: SocketAddr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("server logs its address");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    let boundary = "speed-bench-boundary";
-    let mut body = Vec::new();
-    for (name, bytes) in [("left", &left_png), ("right", &right_png)] {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n\r\n")
-                .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let args: Vec<String> = ["--device", &o.device, "--queue-depth", "64", "--memory-format", &o.memory_format]
+        .map(String::from)
+        .into_iter()
+        .chain(["--model".into(), o.model.display().to_string()])
+        .collect();
+    let mut server = ServerProcess::start(&o.server_bin, &args, Path::new("."));
+    let address = server.address;
+    let (content_type, body) = multipart(&[("left", &left_png), ("right", &right_png)]);
     let body = Arc::new(body);
     let load = |clients: usize, requests: usize| {
         runtime.block_on(loadgen::run(loadgen::LoadConfig {
             address,
             path: "/api/v1/disparity?format=png16".into(),
-            content_type: format!("multipart/form-data; boundary={boundary}"),
+            content_type: content_type.clone(),
             body: body.clone(),
             clients,
             duration: Duration::from_secs(3600),
@@ -247,7 +220,7 @@ fn main() {
     }
     let mut http = Vec::new();
     for &clients in &o.clients {
-        let watch = MemoryWatch::start(server.id(), gpu);
+        let watch = MemoryWatch::start(server.pid(), gpu);
         let report = load(clients, clients * o.requests_per_client);
         let peak = watch.stop();
         let failures = report.outcomes.len() - report.count(200);
@@ -260,8 +233,7 @@ fn main() {
             "peak_memory_mib": peak,
         }));
     }
-    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
-    let exit = server.wait().unwrap();
+    let exit = server.terminate(Duration::from_secs(60));
     assert!(exit.success(), "server exit {exit}");
 
     let result = json!({

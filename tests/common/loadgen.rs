@@ -1,11 +1,16 @@
 //! A small HTTP/1.1 load generator for the disparity API, bounded in clients,
-//! time and request count, aimed only at a server on this machine (loopback).
-//! Shared by `tests/robustness.rs` (short runs that assert behaviour) and
-//! `tests/bench/load.rs` (the 60 s load test that prints figures).
+//! time and request count, aimed only at a server on this machine (loopback),
+//! and a helper that runs the real server binary as a child process.
+//! Shared by the integration tests (through `common`) and the benches in
+//! `tests/bench` (through `#[path]`).
 #![allow(dead_code)] // each includer uses a different subset
 
 use std::collections::BTreeMap;
+use std::io::BufRead;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -225,4 +230,79 @@ pub async fn read_response(
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// A multipart/form-data body with the given file fields, in order.
+pub fn multipart(fields: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "stereo-recon-test-boundary-7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (name, bytes) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        body.extend_from_slice(
+            format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n").as_bytes(),
+        );
+        body.extend_from_slice(b"Content-Type: application/octet-stream\r\n\r\n");
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// `stereo-recon serve` as a child process on 127.0.0.1, on a port the OS
+/// chooses (read back from its "listening on" log line).
+pub struct ServerProcess {
+    child: Child,
+    pub address: SocketAddr,
+    /// The server's log lines (stderr), as they come.
+    pub log: Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Starts `binary serve --host 127.0.0.1 --port 0 ARGS...` in `dir`.
+    pub fn start(binary: &Path, args: &[String], dir: &Path) -> ServerProcess {
+        let mut child = Command::new(binary)
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "stereo_recon=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+        let stderr = std::io::BufReader::new(child.stderr.take().expect("piped"));
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let address = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = log.recv_timeout(left).expect("the server logs the address it listens on");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split_whitespace().next().expect("address").parse().expect("socket address");
+            }
+        };
+        ServerProcess { child, address, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (at most `limit`) for the process to exit.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill runs");
+        assert!(sent.success(), "SIGTERM could not be sent");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait on the server") {
+                return status;
+            }
+            assert!(started.elapsed() < limit, "server did not exit within {limit:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -104,22 +104,7 @@ pub async fn get(app: &Router, uri: &str) -> Reply {
     send(app, Request::get(uri).body(Body::empty()).unwrap()).await
 }
 
-/// A multipart/form-data body with the given file fields, in order.
-pub fn multipart(fields: &[(&str, &[u8])]) -> (String, Vec<u8>) {
-    let boundary = "stereo-recon-test-boundary-7MA4YWxkTrZu0gW";
-    let mut body = Vec::new();
-    for (name, bytes) in fields {
-        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
-        body.extend_from_slice(
-            format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n").as_bytes(),
-        );
-        body.extend_from_slice(b"Content-Type: application/octet-stream\r\n\r\n");
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
+pub use loadgen::multipart;
 
 pub fn multipart_request(uri: &str, fields: &[(&str, &[u8])]) -> Request<Body> {
     let (content_type, body) = multipart(fields);
