@@ -103,6 +103,27 @@ enum Encoded {
     File { bytes: Vec<u8>, content_type: &'static str, file_name: &'static str },
 }
 
+/// The answer ready to send: JSON images already in base64.
+enum Answer {
+    Json(Images),
+    File { bytes: Vec<u8>, content_type: &'static str, file_name: &'static str },
+}
+
+impl From<Encoded> for Answer {
+    fn from(encoded: Encoded) -> Answer {
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        match encoded {
+            Encoded::Json { color_png, kitti_png16, pfm, error_png } => Answer::Json(Images {
+                color_png: b64(&color_png),
+                kitti_png16: b64(&kitti_png16),
+                pfm: pfm.as_deref().map(b64),
+                error_png: error_png.as_deref().map(b64),
+            }),
+            Encoded::File { bytes, content_type, file_name } => Answer::File { bytes, content_type, file_name },
+        }
+    }
+}
+
 fn encode(format: OutputFormat, include_pfm: bool, map: &DisparityMap, truth: Option<&DisparityMap>) -> Encoded {
     match format {
         OutputFormat::Json => Encoded::Json {
@@ -221,9 +242,11 @@ pub async fn disparity(
     let encode_started = Instant::now();
     let map = prediction.disparity;
     let (format, include_pfm) = (params.format, params.include_pfm);
-    let (encoded, stats, evaluation) = tokio::task::spawn_blocking(move || {
+    // Everything CPU-bound after inference (scores, PNG encoding and, for JSON,
+    // base64 of megabytes) runs on the blocking pool, not on an async worker.
+    let (answer, stats, evaluation) = tokio::task::spawn_blocking(move || {
         let evaluation = truth.as_ref().map(|truth| evaluate(&map, truth, crate::eval::DEFAULT_MAXDISP));
-        (encode(format, include_pfm, &map, truth.as_ref()), map.stats(), evaluation)
+        (Answer::from(encode(format, include_pfm, &map, truth.as_ref())), map.stats(), evaluation)
     })
     .await
     .map_err(|e| ApiError::Internal(format!("encode task: {e}")))?;
@@ -239,27 +262,19 @@ pub async fn disparity(
     let device = info.as_ref().map(|i| i.device.clone()).unwrap_or_default();
     let model = info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
 
-    let mut response = match encoded {
-        Encoded::Json { color_png, kitti_png16, pfm, error_png } => {
-            let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-            Json(DisparityResponse {
-                width,
-                height,
-                disparity: stats,
-                device,
-                model,
-                timings_ms: timings,
-                evaluation,
-                images: Images {
-                    color_png: b64(&color_png),
-                    kitti_png16: b64(&kitti_png16),
-                    pfm: pfm.as_deref().map(b64),
-                    error_png: error_png.as_deref().map(b64),
-                },
-            })
-            .into_response()
-        }
-        Encoded::File { bytes, content_type, file_name } => {
+    let mut response = match answer {
+        Answer::Json(images) => Json(DisparityResponse {
+            width,
+            height,
+            disparity: stats,
+            device,
+            model,
+            timings_ms: timings,
+            evaluation,
+            images,
+        })
+        .into_response(),
+        Answer::File { bytes, content_type, file_name } => {
             let mut headers = HeaderMap::new();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             let disposition = format!("inline; filename=\"{file_name}\"");
