@@ -14,6 +14,7 @@
 pub mod api;
 #[cfg(feature = "engine")]
 pub mod cli;
+pub mod calibration;
 pub mod codec;
 #[cfg(feature = "engine")]
 pub mod config;
@@ -22,9 +23,12 @@ pub mod disparity;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod eval;
+pub mod geometry;
 #[cfg(feature = "engine")]
 mod page;
 pub mod preprocess;
+pub mod reconstruct;
+pub mod rectify;
 pub mod synthetic;
 
 #[cfg(feature = "engine")]

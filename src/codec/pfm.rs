@@ -20,12 +20,18 @@ pub enum PfmError {
 
 /// Single-channel little-endian PFM of `map`.
 pub fn encode(map: &DisparityMap) -> Vec<u8> {
-    let header = format!("Pf\n{} {}\n-1.0\n", map.width(), map.height());
-    let mut out = Vec::with_capacity(header.len() + map.values().len() * 4);
+    encode_values(map.width(), map.height(), map.values())
+}
+
+/// Single-channel little-endian PFM of any float image (`values` row-major,
+/// top row first; depth maps use this too).
+pub fn encode_values(width: u32, height: u32, values: &[f32]) -> Vec<u8> {
+    let header = format!("Pf\n{width} {height}\n-1.0\n");
+    let mut out = Vec::with_capacity(header.len() + values.len() * 4);
     out.extend_from_slice(header.as_bytes());
-    let width = map.width() as usize;
+    let width = width as usize;
     if width > 0 {
-        for row in map.values().chunks_exact(width).rev() {
+        for row in values.chunks_exact(width).rev() {
             for v in row {
                 out.extend_from_slice(&v.to_le_bytes());
             }
