@@ -104,7 +104,35 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
     if !matches!(kind.as_deref(), Some("pfm" | "png")) {
         return Err(format!("{}: the output must end in .pfm or .png", args.output.display()));
     }
+    let depth_kind = args.depth.as_ref().map(|p| p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase));
+    if let Some(kind) = &depth_kind {
+        if !matches!(kind.as_deref(), Some("pfm" | "png")) {
+            return Err("--depth must end in .pfm (float32) or .png (16-bit mm)".into());
+        }
+    }
+    if args.max_depth.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+        return Err("--max-depth must be a positive distance".into());
+    }
+    let calibration = match &args.calib {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Some(crate::calibration::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?.0)
+        }
+        None => None,
+    };
     let pair = read_pair(&args.left, &args.right)?;
+    let (pair, rectification, colours) = match &calibration {
+        Some(calibration) => {
+            let (width, height) = pair.dimensions();
+            calibration.check_size(width, height).map_err(|e| e.to_string())?;
+            let (left, right) = pair.into_images();
+            let (left, right, rectification) =
+                crate::rectify::rectify_pair(calibration, left, right).map_err(|e| e.to_string())?;
+            let colours = left.clone();
+            (StereoPair::new(left, right).map_err(|e| e.to_string())?, Some(rectification), Some(colours))
+        }
+        None => (pair, None, None),
+    };
 
     let engine = Engine::start(args.model.engine_config(1)).map_err(|e| e.to_string())?;
     let info = engine.wait_ready().await.map_err(|e| e.to_string())?;
@@ -113,13 +141,15 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
     let seconds = started.elapsed().as_secs_f64();
     let map = prediction.disparity;
 
-    let bytes = if kind.as_deref() == Some("pfm") { pfm::encode(&map) } else { kitti::encode_png16(&map) };
-    std::fs::write(&args.output, bytes).map_err(|e| format!("{}: {e}", args.output.display()))?;
+    let write = |path: &std::path::Path, bytes: Vec<u8>| {
+        std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write(&args.output, if kind.as_deref() == Some("pfm") { pfm::encode(&map) } else { kitti::encode_png16(&map) })?;
     if let Some(path) = &args.color {
-        std::fs::write(path, colormap::color_png(&map)).map_err(|e| format!("{}: {e}", path.display()))?;
+        write(path, colormap::color_png(&map))?;
     }
     let stats = map.stats();
-    Ok(format!(
+    let mut summary = format!(
         "{}: {}x{} disparity, min {:.2} max {:.2} mean {:.2} px, {:.2} s on {}",
         args.output.display(),
         map.width(),
@@ -129,7 +159,36 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
         stats.mean,
         seconds,
         info.device
-    ))
+    );
+    if let (Some(rectification), Some(colours)) = (rectification, colours) {
+        let depth = crate::reconstruct::depth_map(&map, &rectification.camera, args.max_depth);
+        let d = depth.stats(args.max_depth);
+        if let (Some(path), Some(kind)) = (&args.depth, &depth_kind) {
+            write(path, if kind.as_deref() == Some("pfm") { depth.to_pfm() } else { depth.to_png16_mm() })?;
+        }
+        let mut points = 0;
+        if let Some(path) = &args.ply {
+            let to_left = crate::geometry::transpose(&rectification.r_left);
+            let cloud = depth.point_cloud(&colours, &to_left);
+            points = cloud.len();
+            write(path, crate::reconstruct::encode_ply(&cloud, d.units))?;
+        }
+        summary.push_str(&format!(
+            "\n{}depth {:.3} to {:.3} {u} (median {:.3} {u}), {} pixels with depth; left out: {} invalid, {} out of view, {} occluded, {} beyond max depth{}",
+            if rectification.applied { "rectified; " } else { "" },
+            d.min,
+            d.max,
+            d.median,
+            d.valid_pixels,
+            d.invalid_pixels,
+            d.out_of_view_pixels,
+            d.occluded_pixels,
+            d.beyond_max_depth_pixels,
+            if args.ply.is_some() { format!("; {points} points written") } else { String::new() },
+            u = d.units,
+        ));
+    }
+    Ok(summary)
 }
 
 fn read_pair(left: &std::path::Path, right: &std::path::Path) -> Result<StereoPair, String> {

@@ -94,9 +94,9 @@ pub struct Config {
 /// `predict`: one pair through the same engine as the server.
 #[derive(Debug, Clone, Args)]
 pub struct PredictArgs {
-    /// Left image of the rectified pair.
+    /// Left image of the pair (rectified, unless --calib says otherwise).
     pub left: PathBuf,
-    /// Right image of the rectified pair.
+    /// Right image of the pair.
     pub right: PathBuf,
     /// Output file: .pfm writes float32 PFM, .png writes a KITTI 16-bit PNG.
     #[arg(short, long)]
@@ -104,6 +104,19 @@ pub struct PredictArgs {
     /// Also write a colourised PNG here, for looking at.
     #[arg(long)]
     pub color: Option<PathBuf>,
+    /// Calibration of the pair (our JSON, OpenCV YAML, KITTI or Middlebury calib.txt). An
+    /// unrectified pair is rectified first; outputs then refer to the rectified left image.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// With --calib: write depth here (.pfm float32 in the calibration's units, .png 16-bit mm).
+    #[arg(long, requires = "calib")]
+    pub depth: Option<PathBuf>,
+    /// With --calib: write the coloured point cloud here (binary PLY, left camera frame).
+    #[arg(long, requires = "calib")]
+    pub ply: Option<PathBuf>,
+    /// With --calib: leave out points farther than this (calibration units).
+    #[arg(long, requires = "calib")]
+    pub max_depth: Option<f64>,
     #[command(flatten)]
     pub model: ModelArgs,
 }

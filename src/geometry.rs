@@ -141,8 +141,13 @@ mod tests {
 
     #[test]
     fn rodrigues_round_trips_small_medium_and_half_turn_angles() {
-        for v in [[0.0, 0.0, 0.0], [1e-9, 0.0, 2e-9], [0.02, -0.03, 0.01], [0.5, 1.0, -0.7], [0.0, std::f64::consts::PI, 0.0]]
-        {
+        for v in [
+            [0.0, 0.0, 0.0],
+            [1e-9, 0.0, 2e-9],
+            [0.02, -0.03, 0.01],
+            [0.5, 1.0, -0.7],
+            [0.0, std::f64::consts::PI, 0.0],
+        ] {
             let r = rodrigues(&v);
             let (defect, d) = rotation_defect(&r);
             assert!(defect < 1e-12 && (d - 1.0).abs() < 1e-12);

@@ -12,9 +12,9 @@
 
 #[cfg(feature = "engine")]
 pub mod api;
+pub mod calibration;
 #[cfg(feature = "engine")]
 pub mod cli;
-pub mod calibration;
 pub mod codec;
 #[cfg(feature = "engine")]
 pub mod config;

@@ -254,7 +254,10 @@ mod tests {
         use PixelStatus::*;
         // x=0 matches at -2, outside the right image. x=3 and 4 match at 1 and 2, where the right
         // camera sees the object (x=6, 7); x=5 matches at 3, beside the object: visible.
-        assert_eq!(depth.status, vec![OutOfView, Invalid, Valid, Occluded, Occluded, Valid, Valid, Valid, Valid, Invalid]);
+        assert_eq!(
+            depth.status,
+            vec![OutOfView, Invalid, Valid, Occluded, Occluded, Valid, Valid, Valid, Valid, Invalid]
+        );
         assert_eq!(depth.values[2], 25.0); // 100 * 0.5 / 2
         assert_eq!(depth.values[6], 10.0);
         let limited = depth_map(&map, &camera(), Some(20.0));

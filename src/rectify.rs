@@ -153,7 +153,9 @@ pub fn stereo_rectify(calibration: &Calibration, width: u32, height: u32) -> Res
     // share one principal point (zero disparity at infinity).
     let (nx, ny) = (f64::from(width), f64::from(height));
     let mut centres = [(0.0, 0.0); 2];
-    for (k, (camera, rotation)) in [(&calibration.left, &r_left), (&calibration.right, &r_right)].into_iter().enumerate() {
+    for (k, (camera, rotation)) in
+        [(&calibration.left, &r_left), (&calibration.right, &r_right)].into_iter().enumerate()
+    {
         let mut sum = (0.0, 0.0);
         for (u, v) in [(0.0, 0.0), (nx - 1.0, 0.0), (0.0, ny - 1.0), (nx - 1.0, ny - 1.0)] {
             let (xd, yd) = normalise(camera, u, v);
@@ -195,7 +197,8 @@ fn already_rectified(c: &Calibration, width: u32, height: u32) -> Result<Rectifi
         baseline: -c.t[0],
         units: c.units,
     };
-    let p = |k: &Mat3, tx: f64| [[k[0][0], k[0][1], k[0][2], tx], [k[1][0], k[1][1], k[1][2], 0.0], [0.0, 0.0, 1.0, 0.0]];
+    let p =
+        |k: &Mat3, tx: f64| [[k[0][0], k[0][1], k[0][2], tx], [k[1][0], k[1][1], k[1][2], 0.0], [0.0, 0.0, 1.0, 0.0]];
     Ok(Rectification {
         applied: false,
         width,
@@ -260,9 +263,8 @@ impl RectifyMap {
             let (ax, ay) = (sx - x0, sy - y0);
             let (x0, y0) = (x0 as i64, y0 as i64);
             let (p00, p10, p01, p11) = (texel(x0, y0), texel(x0 + 1, y0), texel(x0, y0 + 1), texel(x0 + 1, y0 + 1));
-            Rgb([0, 1, 2].map(|c| {
-                (p00[c] * (1.0 - ax) + p10[c] * ax) * (1.0 - ay) + (p01[c] * (1.0 - ax) + p11[c] * ax) * ay
-            }))
+            Rgb([0, 1, 2]
+                .map(|c| (p00[c] * (1.0 - ax) + p10[c] * ax) * (1.0 - ay) + (p01[c] * (1.0 - ax) + p11[c] * ax) * ay))
         })
     }
 }

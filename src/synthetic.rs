@@ -341,6 +341,11 @@ pub struct RenderedPair {
 }
 
 fn render_view(objects: &[Object], k: &Intrinsics, centre: Vec3) -> RgbImage {
+    render_posed_view(objects, k, centre, &crate::geometry::IDENTITY)
+}
+
+/// A view from `centre`, the camera turned by `to_world` (camera frame -> world frame).
+fn render_posed_view(objects: &[Object], k: &Intrinsics, centre: Vec3, to_world: &crate::geometry::Mat3) -> RgbImage {
     const SAMPLES: u32 = 3;
     RgbImage::from_fn(k.width, k.height, |i, j| {
         let mut acc = [0.0; 3];
@@ -348,7 +353,9 @@ fn render_view(objects: &[Object], k: &Intrinsics, centre: Vec3) -> RgbImage {
             for sx in 0..SAMPLES {
                 let du = (f64::from(sx) + 0.5) / f64::from(SAMPLES) - 0.5;
                 let dv = (f64::from(sy) + 0.5) / f64::from(SAMPLES) - 0.5;
-                let dir = k.ray(f64::from(i) + du, f64::from(j) + dv);
+                let ray = k.ray(f64::from(i) + du, f64::from(j) + dv);
+                let turned = crate::geometry::mul_vec(to_world, &[ray.x, ray.y, ray.z]);
+                let dir = v(turned[0], turned[1], turned[2]);
                 let colour = cast(objects, centre, dir).map_or([0.0; 3], |hit| shade(&hit));
                 for c in 0..3 {
                     acc[c] += colour[c];
@@ -377,6 +384,49 @@ pub fn render(width: u32, height: u32) -> RenderedPair {
     }
     let disparity = DisparityMap::new(width, height, values).expect("one value per pixel");
     RenderedPair { left, right, disparity, intrinsics: k, baseline_m: BASELINE_M }
+}
+
+/// A pair from a rig that is *not* rectified, with its calibration and the
+/// exact depth of every left pixel: for testing rectification end to end.
+pub struct RigPair {
+    pub left: RgbImage,
+    pub right: RgbImage,
+    pub calibration: crate::calibration::Calibration,
+    /// Z (metres, left camera frame) of the surface at each left pixel centre, row-major.
+    pub depth: Vec<f64>,
+}
+
+/// Renders the room from the left camera as in [`render`] and from a right
+/// camera posed by `r` and `t` (OpenCV's convention, `X_r = R X_l + T`, metres),
+/// both with the intrinsics of [`Intrinsics::for_size`] and no distortion.
+pub fn render_rig(width: u32, height: u32, r: crate::geometry::Mat3, t: crate::geometry::Vec3) -> RigPair {
+    use crate::calibration::{Calibration, Camera, Units};
+    use crate::geometry;
+    let objects = scene();
+    let k = Intrinsics::for_size(width, height);
+    let to_world = geometry::transpose(&r);
+    // The right camera's centre in the left frame: X_r = 0 at X_l = -Rᵀ T.
+    let c = geometry::scale(&geometry::mul_vec(&to_world, &t), -1.0);
+    let left = render_view(&objects, &k, v(0.0, 0.0, 0.0));
+    let right = render_posed_view(&objects, &k, v(c[0], c[1], c[2]), &to_world);
+    let mut depth = Vec::with_capacity(width as usize * height as usize);
+    for j in 0..height {
+        for i in 0..width {
+            depth.push(
+                cast(&objects, v(0.0, 0.0, 0.0), k.ray(f64::from(i), f64::from(j))).map_or(f64::INFINITY, |hit| hit.t),
+            );
+        }
+    }
+    let camera = Camera::pinhole(k.fx, k.fy, k.cx, k.cy);
+    let calibration = Calibration {
+        image_size: Some([width, height]),
+        units: Units::Metres,
+        left: camera.clone(),
+        right: camera,
+        r,
+        t,
+    };
+    RigPair { left, right, calibration, depth }
 }
 
 /// The calibration file written next to the images (format in data/README.md):
@@ -495,6 +545,19 @@ mod tests {
         assert_eq!(json["left"]["K"][0], serde_json::json!([480.0, 0.0, 255.5]));
         assert_eq!(json["right"]["K"][1][2], serde_json::json!(191.5));
         assert_eq!(json["T"], serde_json::json!([-0.1, 0.0, 0.0]));
+    }
+
+    #[test]
+    fn an_unturned_rig_renders_the_rectified_pair() {
+        let rectified = render(64, 48);
+        let rig = render_rig(64, 48, crate::geometry::IDENTITY, [-BASELINE_M, 0.0, 0.0]);
+        assert_eq!(rig.left, rectified.left);
+        assert_eq!(rig.right, rectified.right);
+        let z = rig.depth[10 * 64 + 32];
+        assert!((f64::from(rectified.disparity.get(32, 10)) - 60.0 * BASELINE_M / z).abs() < 1e-4);
+        let turned = render_rig(64, 48, crate::geometry::rodrigues(&[0.0, 0.05, 0.0]), [-BASELINE_M, 0.0, 0.0]);
+        assert_eq!(turned.left, rectified.left);
+        assert_ne!(turned.right, rectified.right);
     }
 
     #[test]

@@ -68,8 +68,12 @@ fn bundle_serves_from_a_clean_environment() {
     }
     assert!(!bundle.join("lib/libtorch_python.so").exists(), "Python-only library bundled");
     let manifest = std::fs::read_to_string(bundle.join("MANIFEST")).unwrap();
-    for file in ["./models/psmnet_kitti2015.pt", "./models/psmnet_kitti2015.json", "./static/app.js", "./data/synthetic/left.png"]
-    {
+    for file in [
+        "./models/psmnet_kitti2015.pt",
+        "./models/psmnet_kitti2015.json",
+        "./static/app.js",
+        "./data/synthetic/left.png",
+    ] {
         assert!(manifest.contains(file), "{file} missing from MANIFEST");
     }
 

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::calibration::CalibrationError;
 use crate::decode::DecodeError;
 use crate::engine::{EngineError, SizeMismatch};
 use crate::eval::GroundTruthError;
@@ -22,7 +23,7 @@ pub enum ApiError {
     MissingField(FieldName),
     #[error("the '{0}' image was sent more than once")]
     DuplicateField(FieldName),
-    #[error("unexpected field '{0}': send the images as 'left' and 'right'")]
+    #[error("unexpected field '{0}': send the images as 'left' and 'right' (optional: 'ground_truth', 'calibration')")]
     UnexpectedField(String),
     #[error("the '{field}' image: {source}")]
     Image { field: FieldName, source: DecodeError },
@@ -32,6 +33,12 @@ pub enum ApiError {
     InvalidGroundTruth(#[from] GroundTruthError),
     #[error("the ground truth is {truth_width}x{truth_height} but the images are {width}x{height}")]
     GroundTruthSizeMismatch { truth_width: u32, truth_height: u32, width: u32, height: u32 },
+    #[error("the calibration: {0}")]
+    Calibration(#[from] CalibrationError),
+    #[error("format={0} needs a 'calibration' (cameras and baseline) sent with the images")]
+    CalibrationRequired(&'static str),
+    #[error("ground truth cannot be scored here: the calibration says the pair is not rectified, and the ground truth is for the original left image")]
+    GroundTruthNeedsRectifiedPair,
     #[error("the '{0}' field is not valid base64")]
     InvalidBase64(FieldName),
     #[error("the JSON body is invalid: {0}")]
@@ -68,6 +75,9 @@ impl ApiError {
             | ApiError::SizeMismatch(_)
             | ApiError::InvalidGroundTruth(_)
             | ApiError::GroundTruthSizeMismatch { .. }
+            | ApiError::Calibration(_)
+            | ApiError::CalibrationRequired(_)
+            | ApiError::GroundTruthNeedsRectifiedPair
             | ApiError::InvalidBase64(_)
             | ApiError::InvalidJson(_)
             | ApiError::InvalidMultipart(_)
@@ -109,6 +119,15 @@ impl ApiError {
             ApiError::SizeMismatch(_) => "size_mismatch",
             ApiError::InvalidGroundTruth(_) => "invalid_ground_truth",
             ApiError::GroundTruthSizeMismatch { .. } => "ground_truth_size_mismatch",
+            ApiError::Calibration(e) => match e {
+                CalibrationError::SizeMismatch { .. } => "calibration_size_mismatch",
+                CalibrationError::Unsupported(_) => "unsupported_calibration",
+                CalibrationError::UnknownFormat | CalibrationError::Syntax { .. } | CalibrationError::Invalid(_) => {
+                    "invalid_calibration"
+                }
+            },
+            ApiError::CalibrationRequired(_) => "calibration_required",
+            ApiError::GroundTruthNeedsRectifiedPair => "ground_truth_needs_rectified_pair",
             ApiError::InvalidBase64(_) => "invalid_base64",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidMultipart(_) => "invalid_multipart",

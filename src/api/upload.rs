@@ -5,7 +5,9 @@
 //! - `application/json` `{"left": "<base64>", "right": "<base64>"}` (scripts);
 //!   a `data:image/...;base64,` prefix and line breaks in the base64 are tolerated.
 //!
-//! Either may add an optional `ground_truth` (disparity file) to be scored against.
+//! Either may add an optional `ground_truth` (disparity file) to be scored against,
+//! and an optional `calibration` (any format `calibration::parse` reads; in JSON
+//! bodies either that file's text or our calibration object itself).
 //!
 //! Only bytes come out of here; decoding happens elsewhere, off the async threads.
 
@@ -28,9 +30,11 @@ pub struct UploadedPair {
     pub right: Bytes,
     /// Ground-truth disparity (PFM, KITTI 16-bit PNG or 8-bit PNG) to score the result against.
     pub ground_truth: Option<Bytes>,
+    /// Calibration file contents, for rectification, depth and point clouds.
+    pub calibration: Option<Bytes>,
 }
 
-const FIELDS: [FieldName; 3] = ["left", "right", "ground_truth"];
+const FIELDS: [FieldName; 4] = ["left", "right", "ground_truth", "calibration"];
 
 /// Reads `left` and `right` from `request`, refusing bodies over `limit` bytes
 /// and bodies that take longer than `timeout` to arrive (slow or stalled clients
@@ -66,6 +70,7 @@ async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, 
     let mut left = None;
     let mut right = None;
     let mut ground_truth = None;
+    let mut calibration = None;
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
@@ -77,6 +82,7 @@ async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, 
             "left" => &mut left,
             "right" => &mut right,
             "ground_truth" => &mut ground_truth,
+            "calibration" => &mut calibration,
             _ => return Err(ApiError::UnexpectedField(name)),
         };
         let field_name = FIELDS.iter().copied().find(|f| *f == name).expect("matched above");
@@ -89,6 +95,7 @@ async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, 
         left: left.ok_or(ApiError::MissingField("left"))?,
         right: right.ok_or(ApiError::MissingField("right"))?,
         ground_truth,
+        calibration,
     })
 }
 
@@ -105,6 +112,7 @@ struct JsonPair {
     left: Option<String>,
     right: Option<String>,
     ground_truth: Option<String>,
+    calibration: Option<serde_json::Value>,
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
 }
@@ -126,7 +134,22 @@ async fn read_json(body: Body, limit: usize) -> Result<UploadedPair, ApiError> {
     let left = parsed.left.ok_or(ApiError::MissingField("left"))?;
     let right = parsed.right.ok_or(ApiError::MissingField("right"))?;
     let ground_truth = parsed.ground_truth.map(|gt| decode_base64(&gt, "ground_truth")).transpose()?;
-    Ok(UploadedPair { left: decode_base64(&left, "left")?, right: decode_base64(&right, "right")?, ground_truth })
+    let calibration = match parsed.calibration {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(text)) => Some(Bytes::from(text)),
+        Some(object @ serde_json::Value::Object(_)) => Some(Bytes::from(object.to_string())),
+        Some(_) => {
+            return Err(ApiError::InvalidJson(
+                "'calibration' must be the calibration file's text or a calibration object".into(),
+            ))
+        }
+    };
+    Ok(UploadedPair {
+        left: decode_base64(&left, "left")?,
+        right: decode_base64(&right, "right")?,
+        ground_truth,
+        calibration,
+    })
 }
 
 /// Standard base64, with an optional data-URL prefix and embedded whitespace.

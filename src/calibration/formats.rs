@@ -109,7 +109,10 @@ fn parse_filestorage(text: &str) -> Result<BTreeMap<String, YamlValue>, Calibrat
             let inner = data.trim().trim_start_matches('[').trim_end_matches(']');
             let data = numbers(inner, F)?;
             if data.len() != rows * cols {
-                return Err(syntax(F, format!("{key}: {rows}x{cols} needs {} values, data has {}", rows * cols, data.len())));
+                return Err(syntax(
+                    F,
+                    format!("{key}: {rows}x{cols} needs {} values, data has {}", rows * cols, data.len()),
+                ));
             }
             YamlValue::Matrix { rows, cols, data }
         } else if body.starts_with('[') {
@@ -144,7 +147,9 @@ pub fn read_opencv_yaml(text: &str) -> Result<Calibration, CalibrationError> {
     let required = |names: &[&'static str], rows, cols| {
         matrix(names, rows, cols)?.ok_or_else(|| syntax(F, format!("no {} (an !!opencv-matrix)", names.join(" / "))))
     };
-    let k = |data: Vec<f64>| -> Mat3 { [[data[0], data[1], data[2]], [data[3], data[4], data[5]], [data[6], data[7], data[8]]] };
+    let k = |data: Vec<f64>| -> Mat3 {
+        [[data[0], data[1], data[2]], [data[3], data[4], data[5]], [data[6], data[7], data[8]]]
+    };
     let dist = |names: &[&'static str]| -> Result<Vec<f64>, CalibrationError> {
         match find(names) {
             None => Ok(Vec::new()),
@@ -152,8 +157,14 @@ pub fn read_opencv_yaml(text: &str) -> Result<Calibration, CalibrationError> {
             Some((name, _)) => Err(syntax(F, format!("{name} is not a list of coefficients"))),
         }
     };
-    let left = Camera { k: k(required(&["K1", "M1", "cameraMatrix1", "camera_matrix_left"], 3, 3)?), dist: dist(&["D1", "distCoeffs1", "dist_coeffs_left"])? };
-    let right = Camera { k: k(required(&["K2", "M2", "cameraMatrix2", "camera_matrix_right"], 3, 3)?), dist: dist(&["D2", "distCoeffs2", "dist_coeffs_right"])? };
+    let left = Camera {
+        k: k(required(&["K1", "M1", "cameraMatrix1", "camera_matrix_left"], 3, 3)?),
+        dist: dist(&["D1", "distCoeffs1", "dist_coeffs_left"])?,
+    };
+    let right = Camera {
+        k: k(required(&["K2", "M2", "cameraMatrix2", "camera_matrix_right"], 3, 3)?),
+        dist: dist(&["D2", "distCoeffs2", "dist_coeffs_right"])?,
+    };
     // R may also be a Rodrigues vector (what cv::Rodrigues / solvePnP produce).
     let r = match matrix(&["R"], 3, 3) {
         Ok(Some(data)) => k(data),
@@ -175,7 +186,9 @@ pub fn read_opencv_yaml(text: &str) -> Result<Calibration, CalibrationError> {
         },
     };
     let units = match map.get("units") {
-        Some(YamlValue::Scalar(s)) => Units::parse(s).ok_or_else(|| syntax(F, format!("units '{s}': use m, cm or mm")))?,
+        Some(YamlValue::Scalar(s)) => {
+            Units::parse(s).ok_or_else(|| syntax(F, format!("units '{s}': use m, cm or mm")))?
+        }
         _ => Units::Millimetres,
     };
     Ok(Calibration { image_size, units, left, right, r, t: [t[0], t[1], t[2]] })
@@ -183,7 +196,11 @@ pub fn read_opencv_yaml(text: &str) -> Result<Calibration, CalibrationError> {
 
 fn yaml_matrix(out: &mut String, name: &str, rows: usize, cols: usize, data: &[f64]) {
     let values: Vec<String> = data.iter().map(|v| format!("{v:?}")).collect();
-    let _ = write!(out, "{name}: !!opencv-matrix\n   rows: {rows}\n   cols: {cols}\n   dt: d\n   data: [ {} ]\n", values.join(", "));
+    let _ = write!(
+        out,
+        "{name}: !!opencv-matrix\n   rows: {rows}\n   cols: {cols}\n   dt: d\n   data: [ {} ]\n",
+        values.join(", ")
+    );
 }
 
 pub fn write_opencv_yaml(c: &Calibration) -> String {
@@ -216,7 +233,12 @@ pub fn read_kitti(text: &str) -> Result<Calibration, CalibrationError> {
     const F: &str = "KITTI";
     let values = key_values(text);
     // Colour cameras 2 (left) and 3 (right) are the KITTI stereo benchmark's pair.
-    let candidates = [("P2", "P3", None), ("P_rect_02", "P_rect_03", Some("S_rect_02")), ("P0", "P1", None), ("P_rect_00", "P_rect_01", Some("S_rect_00"))];
+    let candidates = [
+        ("P2", "P3", None),
+        ("P_rect_02", "P_rect_03", Some("S_rect_02")),
+        ("P0", "P1", None),
+        ("P_rect_00", "P_rect_01", Some("S_rect_00")),
+    ];
     let (left_key, right_key, size_key) = candidates
         .iter()
         .find(|(l, r, _)| values.contains_key(*l) && values.contains_key(*r))
@@ -227,7 +249,8 @@ pub fn read_kitti(text: &str) -> Result<Calibration, CalibrationError> {
             return Err(syntax(F, format!("{key} has {} values, a 3x4 matrix has 12", p.len())));
         }
         let k: Mat3 = [[p[0], p[1], p[2]], [p[4], p[5], p[6]], [p[8], p[9], p[10]]];
-        let inverse = geometry::inverse(&k).ok_or_else(|| CalibrationError::Invalid(format!("{key}: its 3x3 part is singular")))?;
+        let inverse = geometry::inverse(&k)
+            .ok_or_else(|| CalibrationError::Invalid(format!("{key}: its 3x3 part is singular")))?;
         // P = K [I | t]: the camera's offset from the rectified reference camera.
         let t = geometry::mul_vec(&inverse, &[p[3], p[7], p[11]]);
         Ok((Camera { k, dist: Vec::new() }, t))
@@ -290,7 +313,10 @@ pub fn read_middlebury(text: &str) -> Result<Calibration, CalibrationError> {
         Ok(Camera { k: [[v[0], v[1], v[2]], [v[3], v[4], v[5]], [v[6], v[7], v[8]]], dist: Vec::new() })
     };
     let number = |key: &str| -> Result<Option<f64>, CalibrationError> {
-        fields.get(key).map(|v| v.parse::<f64>().map_err(|_| syntax(F, format!("{key}={v} is not a number")))).transpose()
+        fields
+            .get(key)
+            .map(|v| v.parse::<f64>().map_err(|_| syntax(F, format!("{key}={v} is not a number"))))
+            .transpose()
     };
     let left = camera("cam0")?;
     let right = camera("cam1")?;
@@ -309,12 +335,24 @@ pub fn read_middlebury(text: &str) -> Result<Calibration, CalibrationError> {
         _ => None,
     };
     // cam1 is to the right of cam0: X_r = X_l - (baseline, 0, 0).
-    Ok(Calibration { image_size, units: Units::Millimetres, left, right, r: geometry::IDENTITY, t: [-baseline, 0.0, 0.0] })
+    Ok(Calibration {
+        image_size,
+        units: Units::Millimetres,
+        left,
+        right,
+        r: geometry::IDENTITY,
+        t: [-baseline, 0.0, 0.0],
+    })
 }
 
 pub fn write_middlebury(c: &Calibration) -> Result<String, CalibrationError> {
     require_rectified(c, "Middlebury")?;
-    let k = |m: &Mat3| format!("[{} {} {}; {} {} {}; {} {} {}]", m[0][0], m[0][1], m[0][2], m[1][0], m[1][1], m[1][2], m[2][0], m[2][1], m[2][2]);
+    let k = |m: &Mat3| {
+        format!(
+            "[{} {} {}; {} {} {}; {} {} {}]",
+            m[0][0], m[0][1], m[0][2], m[1][0], m[1][1], m[1][2], m[2][0], m[2][1], m[2][2]
+        )
+    };
     let mut out = format!(
         "cam0={}\ncam1={}\ndoffs={}\nbaseline={}\n",
         k(&c.left.k),
@@ -337,8 +375,14 @@ mod tests {
         Calibration {
             image_size: Some([640, 480]),
             units: Units::Millimetres,
-            left: Camera { k: [[612.5, 0.0, 318.25], [0.0, 611.75, 241.5], [0.0, 0.0, 1.0]], dist: vec![-0.21, 0.043, 0.0012, -0.0007, 0.0] },
-            right: Camera { k: [[615.0, 0.0, 322.0], [0.0, 614.5, 238.0], [0.0, 0.0, 1.0]], dist: vec![-0.2, 0.04, -0.001, 0.0005, 0.01] },
+            left: Camera {
+                k: [[612.5, 0.0, 318.25], [0.0, 611.75, 241.5], [0.0, 0.0, 1.0]],
+                dist: vec![-0.21, 0.043, 0.0012, -0.0007, 0.0],
+            },
+            right: Camera {
+                k: [[615.0, 0.0, 322.0], [0.0, 614.5, 238.0], [0.0, 0.0, 1.0]],
+                dist: vec![-0.2, 0.04, -0.001, 0.0005, 0.01],
+            },
             r: geometry::rodrigues(&[0.004, -0.012, 0.002]),
             t: [-59.8, 0.35, -0.9],
         }
@@ -363,7 +407,10 @@ mod tests {
         let rig = stereo_rig();
         assert_eq!(c.image_size, Some([640, 480]));
         assert_eq!(c.units, Units::Millimetres);
-        assert_eq!((c.left.k, c.right.k, c.left.dist.clone(), c.t), (rig.left.k, rig.right.k, rig.left.dist.clone(), rig.t));
+        assert_eq!(
+            (c.left.k, c.right.k, c.left.dist.clone(), c.t),
+            (rig.left.k, rig.right.k, rig.left.dist.clone(), rig.t)
+        );
         assert!(geometry::max_abs_diff(&c.r, &rig.r) < 1e-15);
         let broken = text.replace("cols: 5\n   dt: d\n   data: [ -0.21", "cols: 4\n   dt: d\n   data: [ -0.21");
         assert!(parse(&broken).unwrap_err().to_string().contains("D1: 1x4 needs 4 values, data has 5"));

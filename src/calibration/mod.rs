@@ -255,7 +255,7 @@ pub fn detect(text: &str) -> Option<CalibrationFormat> {
         .map(str::trim)
         .filter(|k| !k.is_empty() && !k.starts_with('#'))
         .collect();
-    if keys.iter().any(|k| *k == "cam0") && keys.iter().any(|k| *k == "baseline") {
+    if keys.contains(&"cam0") && keys.contains(&"baseline") {
         return Some(CalibrationFormat::Middlebury);
     }
     if keys.iter().any(|k| matches!(*k, "P0" | "P1" | "P2" | "P3") || k.starts_with("P_rect_")) {

@@ -85,6 +85,11 @@ impl StereoPair {
     pub fn dimensions(&self) -> (u32, u32) {
         self.left.dimensions()
     }
+
+    /// The two images back (to rectify them before inference).
+    pub fn into_images(self) -> (Rgb32FImage, Rgb32FImage) {
+        (self.left, self.right)
+    }
 }
 
 /// A finished prediction and where its time went.

@@ -287,11 +287,8 @@ impl ServerProcess {
     /// caller decides the environment (the bundle test clears it).
     pub fn spawn(mut command: Command) -> ServerProcess {
         let program = command.get_program().to_string_lossy().into_owned();
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        let mut child =
+            command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("{program}: {e}"));
         let stderr = std::io::BufReader::new(child.stderr.take().expect("piped"));
         let (tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
