@@ -1,11 +1,13 @@
 // stereo-recon upload page: choose two images, send them to the JSON API, show the result.
 // Plain browser JavaScript, no framework and no build step. The page talks to the same
-// API scripts use: POST /api/v1/disparity?format=json&include_pfm=true.
+// API scripts use: POST /api/v1/disparity?format=json&include_pfm=true. With a
+// calibration it also shows depth, measures distances and draws the point cloud
+// with WebGL (our own few lines, no library).
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const chosen = { left: null, right: null, gt: null }; // Blob (File or fetched example) per input
+  const chosen = { left: null, right: null, gt: null, calib: null }; // Blob (File or fetched example) per input
   let objectUrls = []; // blob: URLs of the current result, revoked on the next one
   let hoverData = null; // { width, height, values: Float32Array } of the current result
 
@@ -24,12 +26,14 @@
     });
   }
 
-  function drawColorbar() {
-    const canvas = $("bar");
+  // Draws the turbo scale into a canvas; reversed for depth, where near (left) is hot.
+  function drawColorbar(id = "bar", reversed = false) {
+    const canvas = $(id);
     const ctx = canvas.getContext("2d");
     const image = ctx.createImageData(canvas.width, canvas.height);
     for (let x = 0; x < canvas.width; x++) {
-      const [r, g, b] = turbo(x / (canvas.width - 1));
+      const t = x / (canvas.width - 1);
+      const [r, g, b] = turbo(reversed ? 1 - t : t);
       for (let y = 0; y < canvas.height; y++) {
         const i = 4 * (y * canvas.width + x);
         image.data.set([r, g, b, 255], i);
@@ -74,14 +78,30 @@
     $("result").hidden = true;
   }
 
+  let calibrationFromExample = false;
+
+  function setCalibration(blob, name, fromExample = false) {
+    chosen.calib = blob;
+    calibrationFromExample = Boolean(blob) && fromExample;
+    $("info-calib").textContent = blob ? `${name || "calibration"} · ${(blob.size / 1024).toFixed(1)} KB` : "";
+    $("drop-calib").classList.toggle("has-image", Boolean(blob));
+    $("calib-clear").hidden = !blob;
+    $("result").hidden = true;
+  }
+
   function setImage(side, blob, name) {
     if (side === "gt") {
       setGroundTruth(blob, name);
       return;
     }
+    if (side === "calib") {
+      setCalibration(blob, name);
+      return;
+    }
     chosen[side] = blob;
-    // The example's ground truth belongs to the example pair, not to a user's own images.
+    // The example's ground truth and calibration belong to the example pair, not to a user's own images.
     if (groundTruthFromExample && !name.startsWith("example:")) setGroundTruth(null);
+    if (calibrationFromExample && !name.startsWith("example:")) setCalibration(null);
     const preview = $(`preview-${side}`);
     const url = URL.createObjectURL(blob);
     preview.onload = () => {
@@ -139,7 +159,7 @@
       e.preventDefault();
       zone.classList.remove("dragging");
       const files = [...e.dataTransfer.files];
-      if (files.length >= 2 && side !== "gt") {
+      if (files.length >= 2 && side !== "gt" && side !== "calib") {
         // Two files dropped at once: sort by name, first is left (img_L / img_R, 0 / 1 ...).
         files.sort((a, b) => a.name.localeCompare(b.name));
         setImage("left", files[0], files[0].name);
@@ -285,6 +305,375 @@
       $("evaluation").replaceChildren(table);
     }
     $("result").hidden = false;
+    showReconstruction(body);
+  }
+
+  // ---- Depth, distances and the point cloud (when a calibration was sent).
+  let depthData = null; // { width, height, values } in the calibration's units (+inf: none)
+  let camera = null; // the rectified left camera: fx, fy, cx, cy, baseline, units
+  let toLeft = null; // rotation from the rectified frame back to the left camera's (R1ᵀ), row-major
+  let measured = []; // up to two { x, y, point } picked on the depth image
+
+  function showReconstruction(body) {
+    const rec = body.reconstruction;
+    for (const id of ["depth-figure", "cloud-figure", "camera", "dl-3d"]) $(id).hidden = !rec;
+    measured = [];
+    drawMeasurement();
+    if (!rec) {
+      depthData = null;
+      return;
+    }
+    camera = rec.camera;
+    const r = rec.rectification ? rec.rectification.r_left : [[1, 0, 0], [0, 1, 0], [0, 0, 1]];
+    toLeft = [0, 1, 2].map((i) => [0, 1, 2].map((j) => r[j][i]));
+    const depthPfm = base64ToBytes(body.images.depth_pfm);
+    depthData = parsePfm(depthPfm);
+    const units = camera.units;
+    const d = rec.depth;
+    $("result-depth").src = blobUrl(base64ToBytes(body.images.depth_color_png), "image/png");
+    $("dl-depth").href = blobUrl(depthPfm, "application/octet-stream");
+    $("depth-min").textContent = `${d.min.toFixed(2)} ${units}`;
+    $("depth-max").textContent = `${d.max.toFixed(2)} ${units}`;
+    const table = $("camera");
+    table.innerHTML = "";
+    const q = (v, digits = 2) => Number(v).toFixed(digits);
+    for (const [label, value] of [
+      ["calibration", `${rec.calibration_format}${rec.rectified ? ", rectified by the server" : ", already rectified"}`],
+      ["focal length", `${q(camera.fx)} px`],
+      ["principal point", `${q(camera.cx)}, ${q(camera.cy)} px${camera.doffs ? ` (doffs ${q(camera.doffs)} px)` : ""}`],
+      ["baseline", `${q(camera.baseline, 4)} ${units}`],
+      ["depth", `${q(d.min)} to ${q(d.max)} ${units}, median ${q(d.median)} ${units}`],
+      ["points", `${d.valid_pixels.toLocaleString()} (left out: ${d.out_of_view_pixels.toLocaleString()} out of view, ` +
+        `${d.occluded_pixels.toLocaleString()} occluded, ${d.beyond_max_depth_pixels.toLocaleString()} beyond max depth)`],
+    ]) {
+      const row = table.insertRow();
+      row.insertCell().textContent = label;
+      row.insertCell().textContent = value;
+    }
+    // Colours come from the image the depth refers to: the rectified left image when
+    // the server rectified the pair, the uploaded left image otherwise.
+    const colourSource = body.images.rectified_left_png
+      ? blobUrl(base64ToBytes(body.images.rectified_left_png), "image/png")
+      : $("preview-left").src;
+    const img = new Image();
+    img.onload = () => buildCloud(img);
+    img.onerror = () => buildCloud(null);
+    img.src = colourSource;
+  }
+
+  // 3D point of depth pixel (x, y) in the left camera's frame, or null.
+  function pointAt(x, y) {
+    const z = depthData.values[y * depthData.width + x];
+    if (!Number.isFinite(z)) return null;
+    const p = [((x - camera.cx) * z) / camera.fx, ((y - camera.cy) * z) / camera.fy, z];
+    return toLeft.map((row) => row[0] * p[0] + row[1] * p[1] + row[2] * p[2]);
+  }
+
+  function pixelUnder(img, e, data) {
+    const rect = img.getBoundingClientRect();
+    const x = Math.floor(((e.clientX - rect.left) / rect.width) * data.width);
+    const y = Math.floor(((e.clientY - rect.top) / rect.height) * data.height);
+    return x < 0 || y < 0 || x >= data.width || y >= data.height ? null : { x, y, rect };
+  }
+
+  function wireDepth() {
+    const img = $("result-depth");
+    const readout = $("depth-hover");
+    img.addEventListener("mousemove", (e) => {
+      if (!depthData) return;
+      const at = pixelUnder(img, e, depthData);
+      if (!at) return;
+      const z = depthData.values[at.y * depthData.width + at.x];
+      readout.textContent = `x ${at.x}, y ${at.y}: ${Number.isFinite(z) ? `${z.toFixed(3)} ${camera.units}` : "no depth"}`;
+      readout.style.left = `${e.clientX - at.rect.left + 12}px`;
+      readout.style.top = `${e.clientY - at.rect.top + 12}px`;
+      readout.hidden = false;
+    });
+    img.addEventListener("mouseleave", () => (readout.hidden = true));
+    img.addEventListener("click", (e) => {
+      if (!depthData) return;
+      const at = pixelUnder(img, e, depthData);
+      if (!at) return;
+      const point = pointAt(at.x, at.y);
+      if (!point) {
+        $("measure").textContent = `no depth at (${at.x}, ${at.y}): pick a coloured point`;
+        return;
+      }
+      if (measured.length === 2) measured = [];
+      measured.push({ x: at.x, y: at.y, point });
+      drawMeasurement();
+    });
+  }
+
+  function drawMeasurement() {
+    const svg = $("measure-overlay");
+    const text = $("measure");
+    svg.innerHTML = "";
+    if (!depthData || !measured.length) {
+      text.textContent = "";
+      if (viewer) viewer.setLine(null);
+      return;
+    }
+    svg.setAttribute("viewBox", `0 0 ${depthData.width} ${depthData.height}`);
+    svg.setAttribute("preserveAspectRatio", "none");
+    const ns = "http://www.w3.org/2000/svg";
+    const r = Math.max(depthData.width, depthData.height) / 120;
+    if (measured.length === 2) {
+      const line = document.createElementNS(ns, "line");
+      for (const [k, v] of [["x1", measured[0].x + 0.5], ["y1", measured[0].y + 0.5], ["x2", measured[1].x + 0.5], ["y2", measured[1].y + 0.5]]) {
+        line.setAttribute(k, v);
+      }
+      line.setAttribute("stroke", "white");
+      line.setAttribute("stroke-width", r / 2);
+      svg.appendChild(line);
+    }
+    for (const m of measured) {
+      const dot = document.createElementNS(ns, "circle");
+      dot.setAttribute("cx", m.x + 0.5);
+      dot.setAttribute("cy", m.y + 0.5);
+      dot.setAttribute("r", r);
+      dot.setAttribute("fill", "white");
+      dot.setAttribute("stroke", "black");
+      svg.appendChild(dot);
+    }
+    if (measured.length === 1) {
+      const p = measured[0].point;
+      text.textContent = `first point at ${p[2].toFixed(3)} ${camera.units} depth: click a second one`;
+      if (viewer) viewer.setLine(null);
+      return;
+    }
+    const [a, b] = measured.map((m) => m.point);
+    const distance = Math.hypot(a[0] - b[0], a[1] - b[1], a[2] - b[2]);
+    text.textContent = `distance ${distance.toFixed(3)} ${camera.units}`;
+    text.dataset.distance = String(distance);
+    if (viewer) viewer.setLine([a, b]);
+  }
+
+  // ---- WebGL point cloud viewer.
+  let viewer = null;
+  let cloud = null; // { positions: Float32Array, colours: Uint8Array, count }
+
+  function buildCloud(img) {
+    const { width, height, values } = depthData;
+    let pixels = null;
+    if (img && img.naturalWidth === width && img.naturalHeight === height) {
+      const canvas = document.createElement("canvas");
+      canvas.width = width;
+      canvas.height = height;
+      const ctx = canvas.getContext("2d");
+      ctx.drawImage(img, 0, 0);
+      pixels = ctx.getImageData(0, 0, width, height).data;
+    }
+    // Keep the viewer responsive on big images: at most about 400 000 points.
+    const step = Math.max(1, Math.ceil(Math.sqrt((width * height) / 400000)));
+    const positions = [];
+    const colours = [];
+    for (let y = 0; y < height; y += step) {
+      for (let x = 0; x < width; x += step) {
+        const p = pointAt(x, y);
+        if (!p) continue;
+        positions.push(p[0], p[1], p[2]);
+        const i = 4 * (y * width + x);
+        if (pixels) colours.push(pixels[i], pixels[i + 1], pixels[i + 2]);
+        else colours.push(200, 200, 200);
+      }
+    }
+    cloud = { positions: new Float32Array(positions), colours: new Uint8Array(colours), count: positions.length / 3 };
+    $("dl-ply").href = blobUrl(plyBytes(cloud, camera.units), "application/octet-stream");
+    const info = $("cloud-info");
+    if (!viewer) viewer = createViewer($("cloud"));
+    if (!viewer) {
+      info.textContent = "this browser has no WebGL: download the PLY to view the points";
+      return;
+    }
+    viewer.load(cloud);
+    info.textContent = `${cloud.count.toLocaleString()} points${step > 1 ? ` (every ${step}th pixel)` : ""}, ${camera.units}`;
+    $("cloud").dataset.points = String(cloud.count);
+  }
+
+  // Binary little-endian PLY of the shown points (the API's format=ply is the full-resolution one).
+  function plyBytes(c, units) {
+    const header =
+      "ply\nformat binary_little_endian 1.0\n" +
+      `comment stereo-recon page export; units ${units}; left camera frame: x right, y down, z forward\n` +
+      `element vertex ${c.count}\nproperty float x\nproperty float y\nproperty float z\n` +
+      "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n";
+    const head = new TextEncoder().encode(header);
+    const out = new Uint8Array(head.length + 15 * c.count);
+    out.set(head);
+    const view = new DataView(out.buffer);
+    for (let i = 0; i < c.count; i++) {
+      const at = head.length + 15 * i;
+      for (let k = 0; k < 3; k++) view.setFloat32(at + 4 * k, c.positions[3 * i + k], true);
+      out.set(c.colours.subarray(3 * i, 3 * i + 3), at + 12);
+    }
+    return out;
+  }
+
+  // Column-major 4x4 matrices, as WebGL expects them.
+  const mat4 = {
+    multiply(a, b) {
+      const out = new Float32Array(16);
+      for (let c = 0; c < 4; c++)
+        for (let r = 0; r < 4; r++) {
+          let v = 0;
+          for (let k = 0; k < 4; k++) v += a[k * 4 + r] * b[c * 4 + k];
+          out[c * 4 + r] = v;
+        }
+      return out;
+    },
+    perspective(fovy, aspect, near, far) {
+      const f = 1 / Math.tan(fovy / 2);
+      const nf = 1 / (near - far);
+      return new Float32Array([f / aspect, 0, 0, 0, 0, f, 0, 0, 0, 0, (far + near) * nf, -1, 0, 0, 2 * far * near * nf, 0]);
+    },
+    lookAt(eye, target, up) {
+      const sub = (a, b) => a.map((v, i) => v - b[i]);
+      const norm = (v) => {
+        const l = Math.hypot(...v) || 1;
+        return v.map((x) => x / l);
+      };
+      const cross = (a, b) => [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]];
+      const dot = (a, b) => a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+      const z = norm(sub(eye, target));
+      const x = norm(cross(up, z));
+      const y = cross(z, x);
+      return new Float32Array([x[0], y[0], z[0], 0, x[1], y[1], z[1], 0, x[2], y[2], z[2], 0, -dot(x, eye), -dot(y, eye), -dot(z, eye), 1]);
+    },
+  };
+
+  function createViewer(canvas) {
+    const gl = canvas.getContext("webgl", { preserveDrawingBuffer: true, antialias: false });
+    if (!gl) return null;
+    const compile = (type, source) => {
+      const shader = gl.createShader(type);
+      gl.shaderSource(shader, source);
+      gl.compileShader(shader);
+      if (!gl.getShaderParameter(shader, gl.COMPILE_STATUS)) throw new Error(gl.getShaderInfoLog(shader));
+      return shader;
+    };
+    const program = gl.createProgram();
+    gl.attachShader(program, compile(gl.VERTEX_SHADER,
+      "attribute vec3 position; attribute vec3 colour; uniform mat4 mvp; uniform float size; varying vec3 v;" +
+      "void main() { gl_Position = mvp * vec4(position, 1.0); gl_PointSize = size; v = colour; }"));
+    gl.attachShader(program, compile(gl.FRAGMENT_SHADER,
+      "precision mediump float; varying vec3 v; void main() { gl_FragColor = vec4(v, 1.0); }"));
+    gl.linkProgram(program);
+    gl.useProgram(program);
+    const loc = {
+      position: gl.getAttribLocation(program, "position"),
+      colour: gl.getAttribLocation(program, "colour"),
+      mvp: gl.getUniformLocation(program, "mvp"),
+      size: gl.getUniformLocation(program, "size"),
+    };
+    const buffers = { position: gl.createBuffer(), colour: gl.createBuffer(), line: gl.createBuffer(), lineColour: gl.createBuffer() };
+    // The orbit: around a target point, from a distance, turned by yaw and pitch.
+    const view = { target: [0, 0, 1], distance: 1, yaw: 0, pitch: 0, home: null, fovy: 0.8, count: 0, line: false };
+    let pending = false;
+
+    function draw() {
+      pending = false;
+      const dpr = window.devicePixelRatio || 1;
+      const w = Math.round(canvas.clientWidth * dpr) || canvas.width;
+      const h = Math.round(canvas.clientHeight * dpr) || canvas.height;
+      if (canvas.width !== w || canvas.height !== h) {
+        canvas.width = w;
+        canvas.height = h;
+      }
+      gl.viewport(0, 0, canvas.width, canvas.height);
+      gl.clearColor(0.067, 0.067, 0.067, 1);
+      gl.clear(gl.COLOR_BUFFER_BIT | gl.DEPTH_BUFFER_BIT);
+      gl.enable(gl.DEPTH_TEST);
+      // Looking along +z from the camera at yaw = pitch = 0; y points down in camera frames.
+      const forward = [Math.sin(view.yaw) * Math.cos(view.pitch), Math.sin(view.pitch), Math.cos(view.yaw) * Math.cos(view.pitch)];
+      const eye = view.target.map((t, i) => t - view.distance * forward[i]);
+      const projection = mat4.perspective(view.fovy, canvas.width / canvas.height, view.distance / 100, view.distance * 20);
+      const mvp = mat4.multiply(projection, mat4.lookAt(eye, view.target, [0, -1, 0]));
+      gl.uniformMatrix4fv(loc.mvp, false, mvp);
+      const bind = (buffer, attribute, size, type, normalised) => {
+        gl.bindBuffer(gl.ARRAY_BUFFER, buffer);
+        gl.enableVertexAttribArray(attribute);
+        gl.vertexAttribPointer(attribute, size, type, normalised, 0, 0);
+      };
+      bind(buffers.position, loc.position, 3, gl.FLOAT, false);
+      bind(buffers.colour, loc.colour, 3, gl.UNSIGNED_BYTE, true);
+      gl.uniform1f(loc.size, Math.max(1, 1.5 * dpr));
+      gl.drawArrays(gl.POINTS, 0, view.count);
+      if (view.line) {
+        gl.disable(gl.DEPTH_TEST);
+        bind(buffers.line, loc.position, 3, gl.FLOAT, false);
+        bind(buffers.lineColour, loc.colour, 3, gl.UNSIGNED_BYTE, true);
+        gl.uniform1f(loc.size, 8 * dpr);
+        gl.drawArrays(gl.LINES, 0, 2);
+        gl.drawArrays(gl.POINTS, 0, 2);
+      }
+      canvas.dataset.drawn = String(Number(canvas.dataset.drawn || 0) + 1);
+    }
+    const redraw = () => {
+      if (!pending) {
+        pending = true;
+        requestAnimationFrame(draw);
+      }
+    };
+
+    let drag = null;
+    canvas.addEventListener("pointerdown", (e) => {
+      drag = { x: e.clientX, y: e.clientY };
+      canvas.setPointerCapture(e.pointerId);
+    });
+    canvas.addEventListener("pointermove", (e) => {
+      if (!drag) return;
+      view.yaw -= (e.clientX - drag.x) * 0.005;
+      view.pitch = Math.max(-1.5, Math.min(1.5, view.pitch - (e.clientY - drag.y) * 0.005));
+      drag = { x: e.clientX, y: e.clientY };
+      redraw();
+    });
+    canvas.addEventListener("pointerup", () => (drag = null));
+    canvas.addEventListener("wheel", (e) => {
+      e.preventDefault();
+      view.distance = Math.max(view.home.distance / 50, Math.min(view.home.distance * 20, view.distance * Math.exp(e.deltaY * 0.001)));
+      redraw();
+    }, { passive: false });
+    canvas.addEventListener("dblclick", () => {
+      Object.assign(view, view.home);
+      redraw();
+    });
+
+    return {
+      load(c) {
+        gl.bindBuffer(gl.ARRAY_BUFFER, buffers.position);
+        gl.bufferData(gl.ARRAY_BUFFER, c.positions, gl.STATIC_DRAW);
+        gl.bindBuffer(gl.ARRAY_BUFFER, buffers.colour);
+        gl.bufferData(gl.ARRAY_BUFFER, c.colours, gl.STATIC_DRAW);
+        view.count = c.count;
+        // Start where the left camera stood, orbiting around the median depth ahead of it,
+        // with the camera's own vertical field of view.
+        const depths = [];
+        for (let i = 2; i < c.positions.length; i += 3 * Math.max(1, Math.floor(c.count / 5000))) depths.push(c.positions[i]);
+        depths.sort((a, b) => a - b);
+        const median = depths.length ? depths[depths.length >> 1] : 1;
+        view.home = {
+          target: [0, 0, median],
+          distance: median,
+          yaw: 0,
+          pitch: 0,
+          fovy: 2 * Math.atan(depthData.height / 2 / camera.fy),
+        };
+        Object.assign(view, view.home);
+        view.line = false;
+        redraw();
+      },
+      setLine(points) {
+        view.line = Boolean(points);
+        if (points) {
+          gl.bindBuffer(gl.ARRAY_BUFFER, buffers.line);
+          gl.bufferData(gl.ARRAY_BUFFER, new Float32Array([...points[0], ...points[1]]), gl.STATIC_DRAW);
+          gl.bindBuffer(gl.ARRAY_BUFFER, buffers.lineColour);
+          gl.bufferData(gl.ARRAY_BUFFER, new Uint8Array([255, 255, 255, 255, 255, 255]), gl.STATIC_DRAW);
+        }
+        redraw();
+      },
+    };
   }
 
   function wireHover() {
@@ -317,6 +706,11 @@
       form.append("ground_truth", chosen.gt, "ground_truth");
       const scale = $("gt-scale").value.trim();
       if (scale) url += `&gt_scale=${encodeURIComponent(scale)}`;
+    }
+    if (chosen.calib) {
+      form.append("calibration", chosen.calib, "calibration");
+      const maxDepth = $("max-depth").value.trim();
+      if (maxDepth) url += `&max_depth=${encodeURIComponent(maxDepth)}`;
     }
     try {
       const response = await fetch(url, {
@@ -360,6 +754,12 @@
       } else {
         setGroundTruth(null);
       }
+      if (example.calibration) {
+        const calib = await fetch(example.calibration).then((r) => r.blob());
+        setCalibration(calib, `example: ${example.name}/${example.calibration.split("/").pop()}`, true);
+      } else {
+        setCalibration(null);
+      }
       await compute();
     } catch (e) {
       showError(`Could not load the example pair (${e.message}).`);
@@ -370,9 +770,13 @@
     wireDropZone("left");
     wireDropZone("right");
     wireDropZone("gt");
+    wireDropZone("calib");
     $("gt-clear").addEventListener("click", () => setGroundTruth(null));
+    $("calib-clear").addEventListener("click", () => setCalibration(null));
     wireHover();
+    wireDepth();
     drawColorbar();
+    drawColorbar("depth-bar", true);
     $("compute").addEventListener("click", compute);
     const example = $("example");
     if (example) example.addEventListener("click", loadExample);

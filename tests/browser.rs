@@ -134,7 +134,9 @@ impl<'a> Browser<'a> {
                 // Headless, as root in CI, with no network beyond loopback.
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                          "--window-size=1280,1100", "--disable-background-networking", "--disable-component-update",
-                         "--disable-sync", "--no-first-run", "--disable-extensions"],
+                         "--disable-sync", "--no-first-run", "--disable-extensions",
+                         // WebGL (the point cloud) on the CPU: CI has no GPU.
+                         "--use-angle=swiftshader", "--enable-unsafe-swiftshader"],
             },
         }}});
         let answer = driver.call("POST", "/session", Some(capabilities)).expect("browser session starts");
@@ -285,6 +287,57 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         assert!(message.contains("left") && message.contains("not a recognised image"), "{message}");
         assert_eq!(browser.script("return document.getElementById('result').hidden;"), true);
         let error_shot = browser.screenshot("error.png");
+
+        // The example comes with its calibration: depth in metres, a point cloud and distances.
+        browser.click("#example");
+        browser.wait_for(
+            "the depth view",
+            "return !document.getElementById('result').hidden && !document.getElementById('depth-figure').hidden && document.getElementById('result-depth').naturalWidth > 0;",
+            Duration::from_secs(120),
+        );
+        let (near, far) = (browser.text("#depth-min"), browser.text("#depth-max"));
+        let metres = |t: &str| t.strip_suffix(" m").and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{t:?}"));
+        // The room: nearest sphere 1.3 m, back wall 6 m.
+        assert!((1.0..1.8).contains(&metres(&near)) && (5.5..7.0).contains(&metres(&far)), "{near} .. {far}");
+        let camera = browser.text("#camera");
+        assert!(camera.contains("480.00 px") && camera.contains("0.1000 m"), "{camera}");
+        // The point cloud is drawn: many points, and the canvas is no longer blank.
+        browser.wait_for("the point cloud", "return Number(document.getElementById('cloud').dataset.drawn || 0) > 0;", Duration::from_secs(30));
+        let points: u64 = browser.script("return Number(document.getElementById('cloud').dataset.points);").as_u64().unwrap();
+        assert!(points > 150_000, "{points} points");
+        let lit = browser.script(
+            "const c = document.getElementById('cloud'); const t = document.createElement('canvas'); t.width = c.width; t.height = c.height; const x = t.getContext('2d'); x.drawImage(c, 0, 0); const d = x.getImageData(0, 0, t.width, t.height).data; let n = 0; for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - 17) + Math.abs(d[i + 1] - 17) + Math.abs(d[i + 2] - 17) > 30) n++; return n / (d.length / 4);",
+        );
+        assert!(lit.as_f64().unwrap() > 0.3, "only {lit} of the 3D view shows points");
+        // Orbit: dragging turns the view (a redraw).
+        let drawn = browser.script("return Number(document.getElementById('cloud').dataset.drawn);").as_u64().unwrap();
+        browser.script(
+            "const c = document.getElementById('cloud'); const r = c.getBoundingClientRect(); const at = (x) => ({ clientX: r.left + x, clientY: r.top + 100, pointerId: 1, bubbles: true }); c.dispatchEvent(new PointerEvent('pointerdown', at(100))); c.dispatchEvent(new PointerEvent('pointermove', at(160))); c.dispatchEvent(new PointerEvent('pointerup', at(160)));",
+        );
+        browser.wait_for("a redraw after orbiting", &format!("return Number(document.getElementById('cloud').dataset.drawn) > {drawn};"), Duration::from_secs(5));
+        // Two clicks on the back wall (6 m away), 160 px apart: 160 * 6 / 480 = 2.0 m.
+        let click = |x: u32, y: u32| {
+            browser.script(&format!(
+                "const i = document.getElementById('result-depth'); const r = i.getBoundingClientRect(); i.dispatchEvent(new MouseEvent('click', {{ clientX: r.left + ({x} + 0.5) / i.naturalWidth * r.width, clientY: r.top + ({y} + 0.5) / i.naturalHeight * r.height, bubbles: true }}));"
+            ));
+        };
+        click(240, 40);
+        click(400, 40);
+        let measure = browser.text("#measure");
+        let distance = measure
+            .strip_prefix("distance ")
+            .and_then(|v| v.strip_suffix(" m"))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{measure:?}"));
+        assert!((1.85..2.15).contains(&distance), "measured {distance} m, expected 2.0 m");
+        for link in ["dl-depth", "dl-ply"] {
+            let href = browser.script(&format!("return document.getElementById('{link}').href;"));
+            assert!(href.as_str().unwrap().starts_with("blob:"), "{link}: {href}");
+        }
+        browser.script("document.getElementById('depth-figure').scrollIntoView();");
+        browser.screenshot("depth.png");
+        browser.script("document.getElementById('cloud-figure').scrollIntoView();");
+        browser.screenshot("point-cloud.png");
         (result_shot, error_shot)
     })
     .await
