@@ -30,7 +30,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps load fuzz bench tools lint-docker bundle image
+	browser-deps load fuzz fuzz-calibration bench tools lint-docker bundle image
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -126,6 +126,13 @@ fuzz:
 	RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz --sanitizer none decode_upload \
 		tests/fuzz/corpus/decode_upload tests/fuzz/seeds -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		-max_len=65536 -print_final_stats=1
+
+# The same for calibration files (parse, validate, rectify).
+fuzz-calibration:
+	mkdir -p tests/fuzz/corpus/calibration
+	RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz --sanitizer none calibration \
+		tests/fuzz/corpus/calibration tests/fuzz/seeds-calibration -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+		-max_len=8192 -print_final_stats=1
 
 # Eager PyTorch disparities of the test pairs, for the Rust parity test.
 parity-fixtures: $(PARITY_OUT)
