@@ -14,6 +14,7 @@
 //! status codes.
 
 mod model;
+pub mod tensors;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

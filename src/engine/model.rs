@@ -14,9 +14,10 @@ use tch::{CModule, Device, Kind, Tensor};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
+use super::tensors::{cropped_output, Normaliser};
 use super::{EngineConfig, EngineError, EngineStatus, Fault, FaultInjector, Job, ModelInfo, Prediction, StereoPair};
 use crate::disparity::DisparityMap;
-use crate::preprocess::{crop, normalise_and_pad, PadRule};
+use crate::preprocess::PadRule;
 
 /// Which device the model runs on, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +191,7 @@ struct StereoModel {
     module: CModule,
     device: Device,
     rule: PadRule,
+    normaliser: Normaliser,
     info: ModelInfo,
 }
 
@@ -243,7 +245,8 @@ impl StereoModel {
             size_multiple: meta.size_multiple,
             min_size: meta.min_size,
         };
-        Ok(StereoModel { module, device, rule: PadRule::PSMNET, info })
+        let normaliser = Normaliser::new(device).map_err(|e| format!("preparing the input statistics: {e}"))?;
+        Ok(StereoModel { module, device, rule: PadRule::PSMNET, normaliser, info })
     }
 
     /// Disparity of `pair`'s left image. Every libtorch call is the fallible
@@ -252,28 +255,17 @@ impl StereoModel {
         let _no_grad = tch::no_grad_guard();
         let (width, height) = pair.dimensions();
         let geometry = self.rule.geometry(width, height);
-        let shape = [1, 3, i64::from(geometry.padded_height), i64::from(geometry.padded_width)];
-        let to_input = |image| -> Result<Tensor, tch::TchError> {
-            Tensor::f_from_slice(&normalise_and_pad(image, &geometry))?.f_view(shape)?.f_to_device(self.device)
-        };
-        let left = to_input(pair.left()).map_err(torch_error)?;
-        let right = to_input(pair.right()).map_err(torch_error)?;
+        let left = self.normaliser.input(pair.left(), &geometry).map_err(torch_error)?;
+        let right = self.normaliser.input(pair.right(), &geometry).map_err(torch_error)?;
         let output = self.module.forward_ts(&[left, right]).map_err(torch_error)?;
-        let flat = output
-            .f_to_kind(Kind::Float)
-            .and_then(|t| t.f_to_device(Device::Cpu))
-            .and_then(|t| t.f_reshape([-1]))
-            .and_then(|t| Vec::<f32>::try_from(&t))
-            .map_err(torch_error)?;
-        if flat.len() != geometry.padded_len() {
-            return Err(EngineError::Inference(format!(
+        let values = cropped_output(&output, &geometry).map_err(torch_error)?.ok_or_else(|| {
+            EngineError::Inference(format!(
                 "network returned {} values for a {}x{} input",
-                flat.len(),
+                output.numel(),
                 geometry.padded_width,
                 geometry.padded_height
-            )));
-        }
-        let values = crop(&flat, &geometry);
+            ))
+        })?;
         Ok(DisparityMap::new(width, height, values).expect("crop yields one value per pixel"))
     }
 }

@@ -1,0 +1,93 @@
+//! The network's input and output as tensors on the model's device.
+//!
+//! The per-pixel work (layout change, ImageNet normalisation, padding, the crop
+//! back) runs as tensor operations on the device, so on a GPU the CPU only
+//! copies the decoded image up and the cropped disparity down. The numbers are
+//! exactly those of the pure reference functions
+//! [`normalise_and_pad`](crate::preprocess::normalise_and_pad) and
+//! [`crop`](crate::preprocess::crop) (same f32 operations in the same order;
+//! the tests below compare them bit for bit), which stay the documented
+//! definition of the preprocessing.
+
+use image::Rgb32FImage;
+use tch::{Device, Kind, TchError, Tensor};
+
+use crate::preprocess::{InputGeometry, IMAGENET_MEAN, IMAGENET_STD};
+
+/// ImageNet statistics as `[3, 1, 1]` tensors on the device, made once per model.
+pub struct Normaliser {
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl Normaliser {
+    pub fn new(device: Device) -> Result<Normaliser, TchError> {
+        let column = |values: &[f32; 3]| Tensor::f_from_slice(values)?.f_view([3, 1, 1])?.f_to_device(device);
+        Ok(Normaliser { mean: column(&IMAGENET_MEAN)?, std: column(&IMAGENET_STD)? })
+    }
+
+    /// `[1, 3, padded_height, padded_width]` input for `image`: normalised, then
+    /// zero-padded at the top and on the right.
+    pub fn input(&self, image: &Rgb32FImage, geometry: &InputGeometry) -> Result<Tensor, TchError> {
+        let (width, height) = (i64::from(geometry.width), i64::from(geometry.height));
+        let device = self.mean.device();
+        let hwc = Tensor::f_from_slice(image.as_raw())?.f_view([height, width, 3])?.f_to_device(device)?;
+        let normalised = hwc.f_permute([2, 0, 1])?.f_sub(&self.mean)?.f_div(&self.std)?;
+        // Padding order: last dimension (left, right), then the one before (top, bottom).
+        let pad = [0, i64::from(geometry.right_pad()), i64::from(geometry.top_pad), 0];
+        normalised.f_constant_pad_nd(pad)?.f_unsqueeze(0)?.f_contiguous()
+    }
+}
+
+/// The network's `[.., padded_height, padded_width]` output cropped back to the
+/// image on the device, then copied to the CPU (top row first). `None` when the
+/// output does not have one value per padded pixel.
+pub fn cropped_output(output: &Tensor, geometry: &InputGeometry) -> Result<Option<Vec<f32>>, TchError> {
+    if output.numel() != geometry.padded_len() {
+        return Ok(None);
+    }
+    let plane =
+        output.f_to_kind(Kind::Float)?.f_view([i64::from(geometry.padded_height), i64::from(geometry.padded_width)])?;
+    let image = plane
+        .f_narrow(0, i64::from(geometry.top_pad), i64::from(geometry.height))?
+        .f_narrow(1, 0, i64::from(geometry.width))?
+        .f_contiguous()?
+        .f_to_device(Device::Cpu)?
+        .f_reshape([-1])?;
+    Ok(Some(Vec::<f32>::try_from(&image)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::{crop, normalise_and_pad, PadRule};
+    use image::Rgb;
+
+    #[test]
+    fn device_preprocessing_equals_the_reference_bit_for_bit() {
+        let normaliser = Normaliser::new(Device::Cpu).unwrap();
+        for (w, h) in [(37, 21), (256, 256), (300, 250), (1, 1)] {
+            let image = Rgb32FImage::from_fn(w, h, |x, y| {
+                Rgb([(x * 7 % 256) as f32 / 255.0, (y * 13 % 256) as f32 / 255.0, ((x + y) % 256) as f32 / 255.0])
+            });
+            let geometry = PadRule::PSMNET.geometry(w, h);
+            let tensor = normaliser.input(&image, &geometry).unwrap();
+            let shape = [1, 3, i64::from(geometry.padded_height), i64::from(geometry.padded_width)];
+            assert_eq!(tensor.size(), shape);
+            let ours = Vec::<f32>::try_from(&tensor.reshape([-1])).unwrap();
+            let reference = normalise_and_pad(&image, &geometry);
+            assert!(ours.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()), "{w}x{h} differs");
+        }
+    }
+
+    #[test]
+    fn device_crop_equals_the_reference() {
+        let geometry = PadRule::PSMNET.geometry(300, 250);
+        let padded: Vec<f32> = (0..geometry.padded_len()).map(|i| i as f32 * 0.25).collect();
+        let output =
+            Tensor::from_slice(&padded).view([1, i64::from(geometry.padded_height), i64::from(geometry.padded_width)]);
+        assert_eq!(cropped_output(&output, &geometry).unwrap().unwrap(), crop(&padded, &geometry));
+        let wrong = Tensor::from_slice(&padded[..100]);
+        assert_eq!(cropped_output(&wrong, &geometry).unwrap(), None);
+    }
+}
