@@ -71,6 +71,13 @@ pub async fn model(State(state): State<AppState>) -> Result<Response, super::Api
         "disparity": "pixels of the left image; the point at (x, y) appears at (x - d, y) on the right",
         "formats": ["json", "png16", "color", "pfm"],
         "png16": "KITTI convention: uint16 = round(d * 256), 0 = no value",
+        "with_calibration": {
+            "formats": ["depth", "depth16", "ply"],
+            "calibration_formats": ["json", "opencv_yaml", "kitti", "middlebury"],
+            "depth": "float32 PFM in the calibration's units, +inf = none",
+            "depth16": "16-bit PNG in millimetres, 0 = none",
+            "ply": "binary little-endian PLY, x y z float + red green blue uchar, left camera frame",
+        },
     });
     Ok(Json(body).into_response())
 }
