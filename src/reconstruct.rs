@@ -166,8 +166,13 @@ impl DepthMap {
     /// Colour rendering, near red and far blue (turbo), black where there is no
     /// depth; scaled from the nearest to the farthest valid depth.
     pub fn to_color_png(&self) -> Vec<u8> {
-        let stats = self.stats(None);
-        let span = stats.max - stats.min;
+        // Only the range is needed: no sort for the median, as stats() does.
+        let (min, max) = self
+            .values
+            .iter()
+            .filter(|z| z.is_finite())
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &z| (lo.min(f64::from(z)), hi.max(f64::from(z))));
+        let span = max - min;
         let raw: Vec<u8> = self
             .values
             .iter()
@@ -175,7 +180,7 @@ impl DepthMap {
                 if !z.is_finite() {
                     [0, 0, 0]
                 } else if span > 0.0 {
-                    colormap::turbo((stats.max - f64::from(z)) / span)
+                    colormap::turbo((max - f64::from(z)) / span)
                 } else {
                     colormap::turbo(0.5)
                 }

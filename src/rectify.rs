@@ -141,10 +141,7 @@ pub fn stereo_rectify(calibration: &Calibration, width: u32, height: u32) -> Res
     let r_right = geometry::mul(&w_r, &r_half);
     let t_new = geometry::mul_vec(&r_right, &calibration.t);
     if t_new[0] >= 0.0 {
-        return Err(CalibrationError::Invalid(
-            "the right camera is to the left of the left camera (T_x > 0): swap the images, or the calibration's cameras"
-                .into(),
-        ));
+        return Err(swapped_cameras());
     }
 
     // One focal length for both: the mean of their fy (OpenCV 4's choice).
@@ -181,12 +178,17 @@ pub fn stereo_rectify(calibration: &Calibration, width: u32, height: u32) -> Res
     })
 }
 
+/// The calibration's right camera sits to the left of its left camera.
+fn swapped_cameras() -> CalibrationError {
+    CalibrationError::Invalid(
+        "the right camera is to the left of the left camera (T_x > 0): swap the images, or the calibration's cameras"
+            .into(),
+    )
+}
+
 fn already_rectified(c: &Calibration, width: u32, height: u32) -> Result<Rectification, CalibrationError> {
     if c.t[0] >= 0.0 {
-        return Err(CalibrationError::Invalid(
-            "the right camera is to the left of the left camera (T_x > 0): swap the images, or the calibration's cameras"
-                .into(),
-        ));
+        return Err(swapped_cameras());
     }
     let camera = StereoCamera {
         fx: c.left.fx(),
@@ -288,24 +290,7 @@ pub fn rectify_pair(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A realistic rig: different lenses with distortion, a 0.7 degree twist, 60 mm baseline.
-    pub(crate) fn rig() -> Calibration {
-        Calibration {
-            image_size: Some([640, 480]),
-            units: Units::Millimetres,
-            left: Camera {
-                k: [[612.5, 0.0, 318.25], [0.0, 611.75, 241.5], [0.0, 0.0, 1.0]],
-                dist: vec![-0.21, 0.043, 0.0012, -0.0007, 0.0],
-            },
-            right: Camera {
-                k: [[615.0, 0.0, 322.0], [0.0, 614.5, 238.0], [0.0, 0.0, 1.0]],
-                dist: vec![-0.2, 0.04, -0.001, 0.0005, 0.01],
-            },
-            r: geometry::rodrigues(&[0.004, -0.012, 0.002]),
-            t: [-59.8, 0.35, -0.9],
-        }
-    }
+    use crate::calibration::tests::rig;
 
     #[test]
     fn matches_opencv_stereo_rectify() {

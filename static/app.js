@@ -378,18 +378,9 @@
 
   function wireDepth() {
     const img = $("result-depth");
-    const readout = $("depth-hover");
-    img.addEventListener("mousemove", (e) => {
-      if (!depthData) return;
-      const at = pixelUnder(img, e, depthData);
-      if (!at) return;
-      const z = depthData.values[at.y * depthData.width + at.x];
-      readout.textContent = `x ${at.x}, y ${at.y}: ${Number.isFinite(z) ? `${z.toFixed(3)} ${camera.units}` : "no depth"}`;
-      readout.style.left = `${e.clientX - at.rect.left + 12}px`;
-      readout.style.top = `${e.clientY - at.rect.top + 12}px`;
-      readout.hidden = false;
-    });
-    img.addEventListener("mouseleave", () => (readout.hidden = true));
+    wireReadout(img, $("depth-hover"), () => depthData, (z) =>
+      Number.isFinite(z) ? `${z.toFixed(3)} ${camera.units}` : "no depth"
+    );
     img.addEventListener("click", (e) => {
       if (!depthData) return;
       const at = pixelUnder(img, e, depthData);
@@ -676,22 +667,26 @@
     };
   }
 
-  function wireHover() {
-    const img = $("result-disparity");
-    const readout = $("hover");
+  // Shows the value under the cursor of a map drawn as an image: `data()` gives the current
+  // { width, height, values } (or null), `describe(v)` the text for one value.
+  function wireReadout(img, readout, data, describe) {
     img.addEventListener("mousemove", (e) => {
-      if (!hoverData) return;
-      const rect = img.getBoundingClientRect();
-      const x = Math.floor(((e.clientX - rect.left) / rect.width) * hoverData.width);
-      const y = Math.floor(((e.clientY - rect.top) / rect.height) * hoverData.height);
-      if (x < 0 || y < 0 || x >= hoverData.width || y >= hoverData.height) return;
-      const d = hoverData.values[y * hoverData.width + x];
-      readout.textContent = `x ${x}, y ${y}: ${Number.isFinite(d) ? d.toFixed(2) + " px" : "no value"}`;
-      readout.style.left = `${e.clientX - rect.left + 12}px`;
-      readout.style.top = `${e.clientY - rect.top + 12}px`;
+      const map = data();
+      if (!map) return;
+      const at = pixelUnder(img, e, map);
+      if (!at) return;
+      readout.textContent = `x ${at.x}, y ${at.y}: ${describe(map.values[at.y * map.width + at.x])}`;
+      readout.style.left = `${e.clientX - at.rect.left + 12}px`;
+      readout.style.top = `${e.clientY - at.rect.top + 12}px`;
       readout.hidden = false;
     });
     img.addEventListener("mouseleave", () => (readout.hidden = true));
+  }
+
+  function wireHover() {
+    wireReadout($("result-disparity"), $("hover"), () => hoverData, (d) =>
+      Number.isFinite(d) ? d.toFixed(2) + " px" : "no value"
+    );
   }
 
   async function compute() {

@@ -234,7 +234,10 @@ fn encode(
     truth: Option<&DisparityMap>,
     reconstruction: Option<&Reconstruction>,
 ) -> Encoded {
-    let depth = reconstruction.map(|r| depth_map(map, &r.rectification.camera, r.max_depth));
+    // Depth only for the answers that carry it, not for a raw disparity file.
+    let wants_depth =
+        matches!(format, OutputFormat::Json | OutputFormat::Depth | OutputFormat::Depth16 | OutputFormat::Ply);
+    let depth = reconstruction.filter(|_| wants_depth).map(|r| depth_map(map, &r.rectification.camera, r.max_depth));
     match format {
         OutputFormat::Json => {
             // The two PNGs are the bulk of the encoding time (about 25 ms for a KITTI-sized

@@ -371,26 +371,9 @@ mod tests {
     use super::super::{parse, CalibrationFormat};
     use super::*;
 
-    fn stereo_rig() -> Calibration {
-        Calibration {
-            image_size: Some([640, 480]),
-            units: Units::Millimetres,
-            left: Camera {
-                k: [[612.5, 0.0, 318.25], [0.0, 611.75, 241.5], [0.0, 0.0, 1.0]],
-                dist: vec![-0.21, 0.043, 0.0012, -0.0007, 0.0],
-            },
-            right: Camera {
-                k: [[615.0, 0.0, 322.0], [0.0, 614.5, 238.0], [0.0, 0.0, 1.0]],
-                dist: vec![-0.2, 0.04, -0.001, 0.0005, 0.01],
-            },
-            r: geometry::rodrigues(&[0.004, -0.012, 0.002]),
-            t: [-59.8, 0.35, -0.9],
-        }
-    }
-
     #[test]
     fn json_and_opencv_yaml_read_back_what_was_written() {
-        let rig = stereo_rig();
+        let rig = super::super::tests::rig();
         let (json, format) = parse(&write_json(&rig)).unwrap();
         assert_eq!(format, CalibrationFormat::Json);
         assert_eq!(json, rig);
@@ -404,7 +387,7 @@ mod tests {
         // Layout of cv::FileStorage output: exponent notation, data over several lines, no units.
         let text = "%YAML:1.0\n---\nimageSize: [ 640, 480 ]\nM1: !!opencv-matrix\n   rows: 3\n   cols: 3\n   dt: d\n   data: [ 6.1250000000000000e+02, 0., 3.1825e+02, 0.,\n       6.1175e+02, 2.415e+02, 0., 0., 1. ]\nD1: !!opencv-matrix\n   rows: 1\n   cols: 5\n   dt: d\n   data: [ -0.21, 0.043, 1.2e-03, -7.0e-04, 0. ]\nM2: !!opencv-matrix\n   rows: 3\n   cols: 3\n   dt: d\n   data: [ 615., 0., 322., 0., 614.5, 238., 0., 0., 1. ]\nD2: !!opencv-matrix\n   rows: 1\n   cols: 5\n   dt: d\n   data: [ -0.2, 0.04, -1.0e-03, 5.0e-04, 1.0e-02 ]\nR: !!opencv-matrix\n   rows: 3\n   cols: 1\n   dt: d\n   data: [ 4.0e-03, -1.2e-02, 2.0e-03 ]\nT: !!opencv-matrix\n   rows: 3\n   cols: 1\n   dt: d\n   data: [ -59.8, 0.35, -0.9 ]\n";
         let (c, _) = parse(text).unwrap();
-        let rig = stereo_rig();
+        let rig = super::super::tests::rig();
         assert_eq!(c.image_size, Some([640, 480]));
         assert_eq!(c.units, Units::Millimetres);
         assert_eq!(
@@ -437,7 +420,7 @@ mod tests {
         assert_eq!(back.image_size, synthetic.image_size);
         assert_eq!(back.left.k, synthetic.left.k);
         assert!((back.t[0] - synthetic.t[0]).abs() < 1e-12 && back.t[1] == 0.0 && back.t[2] == 0.0);
-        assert!(write_kitti(&stereo_rig()).is_err(), "an unrectified rig has no KITTI form");
+        assert!(write_kitti(&super::super::tests::rig()).is_err(), "an unrectified rig has no KITTI form");
     }
 
     #[test]

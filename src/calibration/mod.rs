@@ -278,9 +278,28 @@ pub fn parse(text: &str) -> Result<(Calibration, CalibrationFormat), Calibration
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A realistic rig: different lenses with distortion, a 0.7 degree twist, 60 mm baseline.
+    pub(crate) fn rig() -> Calibration {
+        Calibration {
+            image_size: Some([640, 480]),
+            units: Units::Millimetres,
+            left: Camera {
+                k: [[612.5, 0.0, 318.25], [0.0, 611.75, 241.5], [0.0, 0.0, 1.0]],
+                dist: vec![-0.21, 0.043, 0.0012, -0.0007, 0.0],
+            },
+            right: Camera {
+                k: [[615.0, 0.0, 322.0], [0.0, 614.5, 238.0], [0.0, 0.0, 1.0]],
+                dist: vec![-0.2, 0.04, -0.001, 0.0005, 0.01],
+            },
+            r: geometry::rodrigues(&[0.004, -0.012, 0.002]),
+            t: [-59.8, 0.35, -0.9],
+        }
+    }
+
+    /// The shipped synthetic pair's calibration (data/synthetic/calib.json).
     pub(crate) fn synthetic() -> Calibration {
         Calibration {
             image_size: Some([512, 384]),
