@@ -30,7 +30,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps load fuzz fuzz-calibration bench tools lint-docker bundle image
+	browser-deps load fuzz fuzz-calibration bench bench-request flood tools lint-docker bundle image
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -38,6 +38,7 @@ help:
 	@echo "make model   only produce $(MODEL)"
 	@echo "make accuracy / make parity   EPE/D1 table; Rust vs eager PyTorch (uses $(SHARED) if present)"
 	@echo "make load    60 s load test;  make fuzz   5 min of libFuzzer on the upload decoder"
+	@echo "make bench-request   decode/encode phases per format at KITTI size and 512x384"
 	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...)"
 	@echo "make bundle  the Docker image's runtime layout in target/bundle;  make image  docker build"
 	@echo "Downloads are cached in $(CACHE)."
@@ -117,6 +118,17 @@ BENCH_ARGS ?= --device cpu --sizes 256x512 --iters 5
 bench: model
 	cargo bench --locked --bench speed --no-run
 	$(PYTHON) models/bench.py --checkpoint $(WEIGHTS) --model $(MODEL) $(BENCH_ARGS) --json target/bench.json
+
+# Server memory under 60 slow 60 MB uploads (README "Robustness"); server options after --.
+FLOOD_ARGS ?= --clients 60 --mb 60 --seconds 20
+flood: model
+	cargo bench --locked --bench flood -- $(FLOOD_ARGS)
+
+# The CPU work around inference, phase by phase, in process and over HTTP
+# (README "Performance"); REQUEST_BENCH_ARGS="--server-bin OLD" measures another build.
+REQUEST_BENCH_ARGS ?= --json target/bench-request.json
+bench-request: model
+	cargo bench --locked --bench request -- $(REQUEST_BENCH_ARGS)
 
 # Fuzz the upload decode/validate path with libFuzzer (cargo install cargo-fuzz).
 # RUSTC_BOOTSTRAP lets the stable toolchain take the -Z flags cargo-fuzz passes.

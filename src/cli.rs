@@ -11,11 +11,14 @@ use crate::api::{AppState, Limits};
 use crate::codec::{colormap, kitti, pfm};
 use crate::config::{Config, EvalArgs, PredictArgs, RenderArgs};
 use crate::decode::decode_rgb;
-use crate::engine::{Engine, EngineError, StereoPair};
+use crate::engine::{Engine, EngineConfig, EngineError, StereoPair};
 
 /// Runs the server until SIGTERM or Ctrl-C; exits non-zero if the model cannot load.
 pub async fn serve(config: Config) -> ExitCode {
-    let engine = match Engine::start(config.model.engine_config(config.queue_depth)) {
+    colormap::prepare();
+    let engine_config =
+        EngineConfig { warm_sizes: config.warm_sizes.clone(), ..config.model.engine_config(config.queue_depth) };
+    let engine = match Engine::start(engine_config) {
         Ok(engine) => engine,
         Err(e) => {
             error!("cannot start the engine thread: {e}");
@@ -31,6 +34,10 @@ pub async fn serve(config: Config) -> ExitCode {
         },
         static_dir: config.static_dir.clone(),
         data_dir: config.data_dir.clone(),
+        uploads: crate::api::guard::UploadBudget::new(config.max_inflight_bytes),
+        origins: crate::api::guard::OriginPolicy { allowed: config.cors_allow_origin.clone() },
+        connections: config.connection_limits(),
+        connection_stats: Default::default(),
     };
     let address = SocketAddr::new(config.host, config.port);
     let listener = match TcpListener::bind(address).await {

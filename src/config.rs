@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::{DeviceChoice, EngineConfig, MemoryFormat};
+use crate::engine::{DeviceChoice, EngineConfig, ImageSize, MemoryFormat, Precision};
 
 /// PSMNet stereo disparity: a web service, and the same engine on the command line.
 #[derive(Debug, Parser)]
@@ -44,6 +44,24 @@ pub struct ModelArgs {
     /// contiguous or channels-last.
     #[arg(long, env = "STEREO_RECON_MEMORY_FORMAT", default_value = "auto")]
     pub memory_format: MemoryFormat,
+    /// Number format of the network: fp32, bf16, fp16 or auto (fp32 on the CPU, where bf16 is
+    /// no faster; fp32 on CUDA until measured). The final soft-argmin always runs in fp32.
+    #[arg(long, env = "STEREO_RECON_PRECISION", default_value = "auto")]
+    pub precision: Precision,
+}
+
+impl Config {
+    /// The connection-level limits of `serve`.
+    pub fn connection_limits(&self) -> crate::server::ConnectionLimits {
+        let secs = std::time::Duration::from_secs;
+        crate::server::ConnectionLimits {
+            max_connections: self.max_connections.max(1),
+            header_read_timeout: secs(self.header_read_timeout_secs.max(1)),
+            idle_timeout: secs(self.idle_timeout_secs.max(1)),
+            write_timeout: secs(self.write_timeout_secs.max(1)),
+            shutdown_timeout: secs(self.shutdown_timeout_secs),
+        }
+    }
 }
 
 impl ModelArgs {
@@ -54,6 +72,8 @@ impl ModelArgs {
             queue_depth,
             threads: self.threads,
             memory_format: self.memory_format,
+            precision: self.precision,
+            warm_sizes: Vec::new(),
             faults: None,
         }
     }
@@ -83,6 +103,37 @@ pub struct Config {
     /// Requests allowed to wait while one is computed; further requests get 503 at once.
     #[arg(long, env = "STEREO_RECON_QUEUE_DEPTH", default_value_t = 4)]
     pub queue_depth: usize,
+    /// Image sizes (WIDTHxHEIGHT, comma-separated) to run once before health turns ready, so
+    /// the first request at each does not pay cuDNN autotuning or the first TorchScript runs.
+    #[arg(long, env = "STEREO_RECON_WARM_SIZES", value_delimiter = ',', num_args = 0..)]
+    pub warm_sizes: Vec<ImageSize>,
+    /// Memory budget in bytes for uploads being received and decoded at once (each counts its
+    /// declared length, then its decoded pixels); past it, requests get 503 before their body is read.
+    #[arg(long, env = "STEREO_RECON_MAX_INFLIGHT_BYTES", default_value_t = 1 << 30)]
+    pub max_inflight_bytes: u64,
+    /// Browser origins (scheme://host[:port], comma-separated, or *) whose pages may call the API.
+    /// The page's own origin always may; other origins are refused with 403.
+    #[arg(long, env = "STEREO_RECON_CORS_ALLOW_ORIGIN", value_delimiter = ',', num_args = 0..)]
+    pub cors_allow_origin: Vec<String>,
+    /// Open connections at most. At the cap a new connection closes the oldest one that has no
+    /// request in progress (slow or idle); only when all are busy is it refused with 503.
+    /// Keep it under the process's open-files limit (`ulimit -n`).
+    #[arg(long, env = "STEREO_RECON_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's head (line and headers), from connecting or,
+    /// on a kept-alive connection, from the head's first byte; a silent connection is closed.
+    #[arg(long, env = "STEREO_RECON_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "STEREO_RECON_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// Seconds an answer may go unread (no write progress) before its connection is dropped.
+    #[arg(long, env = "STEREO_RECON_WRITE_TIMEOUT_SECS", default_value_t = 30)]
+    pub write_timeout_secs: u64,
+    /// On SIGTERM: idle connections close at once; requests in flight get this many seconds
+    /// to finish, then are cut. Keep it below the orchestrator's grace period (Kubernetes: 30).
+    #[arg(long, env = "STEREO_RECON_SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
+    pub shutdown_timeout_secs: u64,
     /// Folder with the page's CSS and JavaScript.
     #[arg(long, env = "STEREO_RECON_STATIC_DIR", default_value = "static")]
     pub static_dir: PathBuf,

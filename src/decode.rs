@@ -8,7 +8,7 @@
 
 use std::io::Cursor;
 
-use image::{ImageFormat, ImageReader, Limits, Rgb32FImage};
+use image::{DynamicImage, ImageFormat, ImageReader, Limits, Rgb32FImage};
 
 /// Formats we accept; anything else is refused even if a decoder exists.
 pub const SUPPORTED_FORMATS: [ImageFormat; 5] =
@@ -29,6 +29,50 @@ pub enum DecodeError {
     Corrupt(String),
 }
 
+/// The two images of a pair differ in size.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("left image is {left_width}x{left_height} but right image is {right_width}x{right_height}; a rectified pair has one size")]
+pub struct SizeMismatch {
+    pub left_width: u32,
+    pub left_height: u32,
+    pub right_width: u32,
+    pub right_height: u32,
+}
+
+/// Why two uploads could not become a pair of images.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PairError {
+    #[error("the left image: {0}")]
+    Left(DecodeError),
+    #[error("the right image: {0}")]
+    Right(DecodeError),
+    #[error("{0}")]
+    SizeMismatch(#[from] SizeMismatch),
+}
+
+/// The size both images of a pair declare in their headers (nothing decoded),
+/// checked against `max_pixels` and against each other.
+pub fn probe_pair(left: &[u8], right: &[u8], max_pixels: u64) -> Result<(u32, u32), PairError> {
+    let (left_width, left_height) = probe(left, max_pixels).map_err(PairError::Left)?;
+    let (right_width, right_height) = probe(right, max_pixels).map_err(PairError::Right)?;
+    if (left_width, left_height) != (right_width, right_height) {
+        return Err(SizeMismatch { left_width, left_height, right_width, right_height }.into());
+    }
+    Ok((left_width, left_height))
+}
+
+/// Decodes the two images of a pair side by side (the right one on a scoped
+/// thread). Both headers are read and compared first, so a pair whose sizes
+/// differ, or one image over the limit, costs no pixel decoding at all.
+pub fn decode_pair(left: &[u8], right: &[u8], max_pixels: u64) -> Result<(Rgb32FImage, Rgb32FImage), PairError> {
+    probe_pair(left, right, max_pixels)?;
+    let (left, right) = std::thread::scope(|scope| {
+        let right = scope.spawn(|| decode_rgb(right, max_pixels));
+        (decode_rgb(left, max_pixels), right.join().expect("decoding does not panic"))
+    });
+    Ok((left.map_err(PairError::Left)?, right.map_err(PairError::Right)?))
+}
+
 /// Decodes `bytes` into RGB in [0, 1]: 8-bit / 255, 16-bit / 65535, grey repeated
 /// to three channels, alpha dropped (as the reference preprocessing does).
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<Rgb32FImage, DecodeError> {
@@ -41,7 +85,41 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<Rgb32FImage, DecodeEr
     limits.max_alloc = Some(u64::from(width) * u64::from(height) * 16 + (64 << 20));
     reader.limits(limits);
     let image = reader.decode().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    Ok(image.to_rgb32f())
+    Ok(to_rgb_unit(image))
+}
+
+/// Float RGB in [0, 1] from 8-bit RGB or RGBA samples (`channels` per pixel;
+/// alpha dropped).
+fn unit_rgb(width: u32, height: u32, raw: &[u8], channels: usize) -> Rgb32FImage {
+    let table = unit_table();
+    let mut out = vec![0.0f32; width as usize * height as usize * 3];
+    for (rgb, pixel) in out.chunks_exact_mut(3).zip(raw.chunks_exact(channels)) {
+        for (o, &v) in rgb.iter_mut().zip(pixel) {
+            *o = table[usize::from(v)];
+        }
+    }
+    Rgb32FImage::from_raw(width, height, out).expect("three values per pixel")
+}
+
+/// `image.to_rgb32f()`, value for value, without its per-sample division for
+/// the 8-bit colour layouts uploads nearly always have: a 256-entry table holds the
+/// same `v as f32 / 255.0` (clamped) the image crate computes, and the output
+/// buffer is written once. Other layouts take the image crate's own path.
+pub fn to_rgb_unit(image: DynamicImage) -> Rgb32FImage {
+    let channels = match &image {
+        DynamicImage::ImageRgb8(_) => 3,
+        DynamicImage::ImageRgba8(_) => 4,
+        // Grey takes the image crate's own path: it converts through 16 bits,
+        // which rounds some values differently from `v / 255`.
+        _ => return image.to_rgb32f(),
+    };
+    unit_rgb(image.width(), image.height(), image.as_bytes(), channels)
+}
+
+/// `u8 -> [0, 1]` exactly as the image crate converts a sample.
+fn unit_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|v| (v as f32 / f32::from(u8::MAX)).clamp(0.0, 1.0)))
 }
 
 /// Reads only the header: the format and the declared size, checked against `max_pixels`.
@@ -162,6 +240,30 @@ mod tests {
         }
         let got = decode_rgb(&png, 4_000_000);
         assert!(matches!(got, Err(DecodeError::TooManyPixels { width: 100_000, .. })), "{got:?}");
+    }
+
+    #[test]
+    fn the_fast_conversion_equals_the_image_crates_bit_for_bit() {
+        let rgb = image::RgbImage::from_fn(7, 5, |x, y| Rgb([(x * 37 + y) as u8, (y * 51) as u8, (x * y * 13) as u8]));
+        let all: Vec<u8> = (0..=255).collect();
+        let cases = [
+            DynamicImage::ImageRgb8(rgb.clone()),
+            DynamicImage::ImageRgb8(image::RgbImage::from_raw(256, 1, all.repeat(3)).unwrap()),
+            DynamicImage::ImageRgba8(RgbaImage::from_fn(6, 4, |x, y| Rgba([x as u8 * 40, y as u8 * 60, 255, 7]))),
+            DynamicImage::ImageLuma8(GrayImage::from_raw(256, 1, all.clone()).unwrap()),
+            DynamicImage::ImageRgb16(ImageBuffer::from_fn(3, 3, |x, y| {
+                Rgb([x as u16 * 9000, y as u16 * 20000, 65535])
+            })),
+            DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_fn(4, 2, |x, _| image::LumaA([x as u8 * 60, 9]))),
+        ];
+        for image in cases {
+            let want = image.to_rgb32f();
+            let got = to_rgb_unit(image.clone());
+            assert_eq!(got.dimensions(), want.dimensions());
+            let same = got.as_raw().iter().zip(want.as_raw()).all(|(a, b)| a.to_bits() == b.to_bits());
+
+            assert!(same, "{:?} differs", image.color());
+        }
     }
 
     fn crc32(bytes: &[u8]) -> u32 {

@@ -29,6 +29,8 @@ mod page;
 pub mod preprocess;
 pub mod reconstruct;
 pub mod rectify;
+#[cfg(feature = "engine")]
+pub mod server;
 pub mod synthetic;
 
 #[cfg(feature = "engine")]
@@ -41,13 +43,15 @@ pub const LIBTORCH_VERSION: &str = env!("STEREO_RECON_LIBTORCH_VERSION");
 #[cfg(feature = "engine")]
 pub const CUDA_LINKED: bool = matches!(env!("STEREO_RECON_LINKED_CUDA").as_bytes(), b"1");
 
-/// Serves the app on `listener` until `shutdown` resolves, then lets requests
-/// in flight finish (graceful shutdown) before returning.
+/// Serves the app on `listener` until `shutdown` resolves, then drains: idle
+/// connections close at once, requests in flight get the drain deadline of
+/// `state.connections` (see [`server`] for the connection-level limits).
 #[cfg(feature = "engine")]
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let (limits, stats) = (state.connections, state.connection_stats.clone());
+    server::serve_connections(listener, router(state), limits, stats, shutdown).await
 }

@@ -121,3 +121,56 @@ fn committed_synthetic_data_is_what_the_renderer_produces() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The precision option's accuracy budget (README "Precision"): bf16 on every
+/// pair with ground truth in `../shared/stereo` (when present) and `data/`,
+/// against fp32 on the same pair: EPE within 0.01 px, mean |bf16 - fp32|
+/// below 0.05 px, and the soft-argmin still fp32 (the output's type).
+#[tokio::test]
+async fn bf16_stays_within_the_accuracy_budget_on_every_pair() {
+    use stereo_recon::engine::Precision;
+    use stereo_recon::eval::{decode_ground_truth, discover_pairs, evaluate, DEFAULT_MAXDISP};
+
+    let mut pairs = Vec::new();
+    for root in [repo().join("../shared/stereo"), repo().join("data")] {
+        if root.is_dir() {
+            pairs.extend(discover_pairs(&root).unwrap().into_iter().filter(|p| p.ground_truth.is_some()));
+        }
+    }
+    assert!(!pairs.is_empty(), "no pair with ground truth found");
+    let mut engines = Vec::new();
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let engine = Engine::start(EngineConfig { precision, ..engine_config(model_path(), 1) }).unwrap();
+        let info = engine.wait_ready().await.expect("the model loads in this precision");
+        assert_eq!(info.precision, precision.to_string());
+        engines.push(engine);
+    }
+    for files in &pairs {
+        let (left, right) = (std::fs::read(&files.left).unwrap(), std::fs::read(&files.right).unwrap());
+        let truth_path = files.ground_truth.as_ref().unwrap();
+        let truth = decode_ground_truth(&std::fs::read(truth_path).unwrap(), files.gt_scale, u64::MAX).unwrap();
+        let fp32 = predict(&engines[0], &left, &right).await;
+        let bf16 = predict(&engines[1], &left, &right).await;
+        let (epe32, epe16) =
+            (evaluate(&fp32, &truth, DEFAULT_MAXDISP).epe, evaluate(&bf16, &truth, DEFAULT_MAXDISP).epe);
+        let diffs: Vec<f64> = fp32.values().iter().zip(bf16.values()).map(|(a, b)| f64::from((a - b).abs())).collect();
+        let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        println!(
+            "{} ({}x{}): EPE fp32 {epe32:.5} bf16 {epe16:.5} px (change {:+.5}); mean |bf16 - fp32| {mean:.4} px",
+            files.name,
+            fp32.width(),
+            fp32.height(),
+            epe16 - epe32
+        );
+        assert!((epe16 - epe32).abs() <= 0.01, "{}: EPE {epe32} -> {epe16}", files.name);
+        assert!(mean < 0.05, "{}: mean |bf16 - fp32| = {mean} px", files.name);
+    }
+}
+
+#[tokio::test]
+async fn fp16_on_the_cpu_is_refused_with_a_clear_reason() {
+    use stereo_recon::engine::Precision;
+    let engine = Engine::start(EngineConfig { precision: Precision::Fp16, ..engine_config(model_path(), 1) }).unwrap();
+    let why = engine.wait_ready().await.expect_err("fp16 must not load on the CPU").to_string();
+    assert!(why.contains("fp16") && why.contains("CPU") && why.contains("bf16"), "{why}");
+}

@@ -229,6 +229,14 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         let browser = Browser::open(&driver);
         browser.goto(&format!("http://{address}/"));
         browser.wait_for("the model to be ready", "return document.querySelector('.status-ready') !== null;", Duration::from_secs(30));
+        // The page runs under its content security policy: the header is there, and
+        // nothing the page does below is blocked by it.
+        let csp = browser.script("return fetch('/').then(r => r.headers.get('content-security-policy'));");
+        assert!(csp.as_str().is_some_and(|c| c.contains("default-src 'self'")), "CSP header: {csp}");
+        browser.script(
+            "window.cspViolations = []; document.addEventListener('securitypolicyviolation', \
+             e => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI)); return true;",
+        );
 
         let fixtures = repo().join("tests/fixtures/synthetic_crop");
         browser.choose_file("file-left", &fixtures.join("left.png"));
@@ -287,6 +295,7 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         assert!(message.contains("left") && message.contains("not a recognised image"), "{message}");
         assert_eq!(browser.script("return document.getElementById('result').hidden;"), true);
         let error_shot = browser.screenshot("error.png");
+        assert_eq!(browser.script("return window.cspViolations;"), json!([]), "blocked by the page's CSP");
 
         // The example comes with its calibration: depth in metres, a point cloud and distances.
         browser.click("#example");

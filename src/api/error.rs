@@ -10,9 +10,19 @@ use axum::Json;
 use serde_json::json;
 
 use crate::calibration::CalibrationError;
-use crate::decode::DecodeError;
+use crate::decode::{DecodeError, PairError};
 use crate::engine::{EngineError, SizeMismatch};
 use crate::eval::GroundTruthError;
+
+/// Client text echoed in an error message, cut to a readable length: a 10 MB
+/// field name must not become a 10 MB error.
+pub fn echo(text: &str) -> String {
+    const MAX_CHARS: usize = 80;
+    match text.char_indices().nth(MAX_CHARS) {
+        None => text.to_owned(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &text[..cut], text.len()),
+    }
+}
 
 /// Which upload a per-image error is about.
 pub type FieldName = &'static str;
@@ -57,12 +67,28 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Engine(#[from] EngineError),
+    #[error("the server is receiving and decoding as many uploads as its memory budget allows ({budget_bytes} bytes); retry shortly")]
+    UploadBudgetFull { budget_bytes: u64 },
+    #[error("transfer coding '{0}' is not supported: send the body as is or chunked")]
+    UnsupportedTransferCoding(String),
+    #[error("requests from the page at origin '{0}' are not allowed here (the server's --cors-allow-origin lists the allowed ones)")]
+    CrossOrigin(String),
     #[error("no such endpoint: {0}")]
     NotFound(String),
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<PairError> for ApiError {
+    fn from(e: PairError) -> ApiError {
+        match e {
+            PairError::Left(source) => ApiError::Image { field: "left", source },
+            PairError::Right(source) => ApiError::Image { field: "right", source },
+            PairError::SizeMismatch(m) => ApiError::SizeMismatch(m),
+        }
+    }
 }
 
 impl ApiError {
@@ -98,6 +124,9 @@ impl ApiError {
                 | EngineError::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
                 EngineError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
+            ApiError::UploadBudgetFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::CrossOrigin(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -143,6 +172,9 @@ impl ApiError {
                 EngineError::OutOfMemory(_) => "out_of_memory",
                 EngineError::Inference(_) => "inference_failed",
             },
+            ApiError::UploadBudgetFull { .. } => "upload_budget_full",
+            ApiError::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
+            ApiError::CrossOrigin(_) => "cross_origin_forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Internal(_) => "internal_error",
@@ -175,6 +207,7 @@ impl ApiError {
         match self {
             ApiError::Engine(EngineError::QueueFull { retry_after_secs, .. }) => Some(*retry_after_secs),
             ApiError::Engine(EngineError::NotReady | EngineError::OutOfMemory(_)) => Some(5),
+            ApiError::UploadBudgetFull { .. } => Some(1),
             _ => None,
         }
     }
@@ -183,7 +216,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if matches!(
+            self,
+            ApiError::Engine(EngineError::QueueFull { .. } | EngineError::NotReady) | ApiError::UploadBudgetFull { .. }
+        ) {
+            // Back-pressure is normal operation, not a failure: the request log line shows the 503.
+            tracing::debug!(code = self.code(), "request refused: busy");
+        } else if status.is_server_error() {
             tracing::error!(code = self.code(), detail = %self, "request failed");
         } else {
             tracing::debug!(code = self.code(), detail = %self, "request refused");

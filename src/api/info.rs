@@ -23,9 +23,17 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "failed": stats.failed,
         "abandoned": stats.abandoned,
     });
+    let uploads = json!({
+        "bytes_in_flight": state.uploads.in_use_bytes(),
+        "budget_bytes": state.uploads.total_bytes(),
+    });
+    let connections = json!({
+        "open": state.connection_stats.open.load(std::sync::atomic::Ordering::Relaxed),
+        "max": state.connections.max_connections,
+    });
     match state.engine.status() {
         EngineStatus::Ready(info) => {
-            Json(json!({ "status": "ready", "device": info.device, "queue": queue })).into_response()
+            Json(json!({ "status": "ready", "device": info.device, "queue": queue, "uploads": uploads, "connections": connections })).into_response()
         }
         EngineStatus::Loading => (
             StatusCode::SERVICE_UNAVAILABLE,

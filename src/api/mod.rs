@@ -9,8 +9,10 @@
 //! | `GET /api/v1/examples` | sample pairs shipped in `data/` |
 //! | `GET /static/*`, `GET /data/*` | page assets, sample images |
 
+pub mod answer;
 pub mod disparity;
 pub mod error;
+pub mod guard;
 mod info;
 pub use info::{list_examples as examples_in, Example};
 pub mod upload;
@@ -28,6 +30,7 @@ use tower_http::services::ServeDir;
 use tracing::Instrument;
 
 use crate::engine::{Engine, EngineStatus, ModelInfo};
+use crate::server::{ConnectionLimits, ConnectionStats};
 pub use error::ApiError;
 
 /// Limits on what a client may send.
@@ -50,6 +53,14 @@ pub struct AppState {
     pub static_dir: PathBuf,
     /// Folder served at `/data` (sample pairs).
     pub data_dir: PathBuf,
+    /// Memory budget for uploads being received and decoded.
+    pub uploads: guard::UploadBudget,
+    /// Browser origins allowed besides the page's own.
+    pub origins: guard::OriginPolicy,
+    /// Connection-level limits, for [`crate::serve`].
+    pub connections: ConnectionLimits,
+    /// What the connection layer has done (accepted, evicted, timed out...).
+    pub connection_stats: Arc<ConnectionStats>,
 }
 
 impl AppState {
@@ -69,8 +80,10 @@ pub struct RequestStart(pub Instant);
 
 /// The whole application as a router, ready for `axum::serve` or `oneshot` in tests.
 pub fn router(state: AppState) -> Router {
-    let static_files = ServeDir::new(&state.static_dir);
-    let data_files = ServeDir::new(&state.data_dir);
+    // No directory indexes or redirects (a redirect would drop the /static or
+    // /data prefix): a folder is a 404 like any missing file.
+    let static_files = ServeDir::new(&state.static_dir).append_index_html_on_directories(false);
+    let data_files = ServeDir::new(&state.data_dir).append_index_html_on_directories(false);
     // Multipart framing adds a little to the images; the upload reader enforces
     // the exact limit, this only stops axum's own default (2 MB) from applying.
     let body_limit = DefaultBodyLimit::max(state.limits.max_upload_bytes);
@@ -84,16 +97,21 @@ pub fn router(state: AppState) -> Router {
         .nest_service("/data", data_files)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(guard::json_error_bodies))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::origin_policy))
+        .layer(middleware::from_fn(guard::refuse_transfer_codings))
+        .layer(middleware::from_fn(crate::server::close_after_unread_body))
+        .layer(middleware::from_fn(guard::security_headers))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
 
 async fn not_found(request: Request) -> ApiError {
-    ApiError::NotFound(request.uri().path().to_owned())
+    ApiError::NotFound(error::echo(request.uri().path()))
 }
 
 async fn method_not_allowed(request: Request) -> ApiError {
-    ApiError::MethodNotAllowed(request.method().to_string())
+    ApiError::MethodNotAllowed(error::echo(request.method().as_str()))
 }
 
 /// Stamps the start time and writes exactly one log line per request, with the
@@ -110,7 +128,7 @@ async fn log_request(mut request: Request, next: Next) -> Response {
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     let total_ms = started.elapsed().as_secs_f64() * 1000.0;
-    match response.extensions().get::<disparity::Timings>() {
+    match response.extensions().get::<answer::Timings>() {
         Some(t) => tracing::info!(
             parent: &span,
             status,

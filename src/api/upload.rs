@@ -21,7 +21,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::error::{ApiError, FieldName};
+use super::error::{echo, ApiError, FieldName};
 
 /// The raw bytes of both images, as uploaded, and optional ground truth.
 #[derive(Debug)]
@@ -59,14 +59,14 @@ async fn read_pair_untimed(request: Request, limit: usize) -> Result<UploadedPai
         "multipart/form-data" => read_multipart(request, limit).await,
         "application/json" => read_json(request.into_body(), limit).await,
         "" => Err(ApiError::UnsupportedMediaType("(none)".into())),
-        _ => Err(ApiError::UnsupportedMediaType(content_type)),
+        _ => Err(ApiError::UnsupportedMediaType(echo(&content_type))),
     }
 }
 
 async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
     let mut multipart = Multipart::from_request(request, &())
         .await
-        .map_err(|e: MultipartRejection| ApiError::InvalidMultipart(e.body_text()))?;
+        .map_err(|e: MultipartRejection| ApiError::InvalidMultipart(echo(&e.body_text())))?;
     let mut left = None;
     let mut right = None;
     let mut ground_truth = None;
@@ -83,7 +83,7 @@ async fn read_multipart(request: Request, limit: usize) -> Result<UploadedPair, 
             "right" => &mut right,
             "ground_truth" => &mut ground_truth,
             "calibration" => &mut calibration,
-            _ => return Err(ApiError::UnexpectedField(name)),
+            _ => return Err(ApiError::UnexpectedField(echo(&name))),
         };
         let field_name = FIELDS.iter().copied().find(|f| *f == name).expect("matched above");
         if slot.is_some() {
@@ -103,7 +103,7 @@ fn multipart_error(e: MultipartError, limit: usize) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::BodyTooLarge { limit }
     } else {
-        ApiError::InvalidMultipart(e.body_text())
+        ApiError::InvalidMultipart(echo(&e.body_text()))
     }
 }
 
@@ -124,12 +124,12 @@ async fn read_json(body: Body, limit: usize) -> Result<UploadedPair, ApiError> {
         if over {
             ApiError::BodyTooLarge { limit }
         } else {
-            ApiError::InvalidJson(format!("could not read the body: {e}"))
+            ApiError::InvalidJson(echo(&format!("could not read the body: {e}")))
         }
     })?;
-    let parsed: JsonPair = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let parsed: JsonPair = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(echo(&e.to_string())))?;
     if let Some(name) = parsed.other.keys().next() {
-        return Err(ApiError::UnexpectedField(name.clone()));
+        return Err(ApiError::UnexpectedField(echo(name)));
     }
     let left = parsed.left.ok_or(ApiError::MissingField("left"))?;
     let right = parsed.right.ok_or(ApiError::MissingField("right"))?;

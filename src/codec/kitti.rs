@@ -4,7 +4,7 @@
 //! value". Lossless to 1/256 px over the range PSMNet can output (0..192), and
 //! readable by the KITTI development kit and most stereo tooling.
 
-use image::{ExtendedColorType, ImageFormat};
+use image::ImageFormat;
 
 use crate::disparity::DisparityMap;
 
@@ -21,18 +21,32 @@ pub enum KittiError {
 }
 
 /// Stored integer for one disparity; non-finite and negative values become 0 (no value).
+///
+/// `round(d * 256)` clamped to 65535, computed without the libm call `round`
+/// is on baseline x86-64: below 65534.5 the truncation and the fraction are
+/// exact in f32, so "integer part, plus one from a half up" is `round`; from
+/// 65534.5 up, `round` gives at least 65535, which the clamp makes 65535.
 pub fn encode_value(d: f32) -> u16 {
     if !d.is_finite() || d <= 0.0 {
         return 0;
     }
-    (d * SCALE).round().min(f32::from(u16::MAX)) as u16
+    let scaled = d * SCALE;
+    if scaled >= 65_534.5 {
+        return u16::MAX;
+    }
+    let whole = scaled as u32;
+    (whole + u32::from(scaled - whole as f32 >= 0.5)) as u16
 }
 
 /// 16-bit greyscale PNG of `map` in the KITTI convention.
 pub fn encode_png16(map: &DisparityMap) -> Vec<u8> {
-    // The image crate takes 16-bit samples in native byte order (PNG's big-endian is its job).
-    let raw: Vec<u8> = map.values().iter().flat_map(|&d| encode_value(d).to_ne_bytes()).collect();
-    super::png_bytes(&raw, map.width(), map.height(), ExtendedColorType::L16)
+    // Samples are written big-endian, as PNG stores them, straight into the
+    // buffer the encoder compresses (the image crate would copy them once more).
+    let mut raw = vec![0u8; map.values().len() * 2];
+    for (out, &d) in raw.chunks_exact_mut(2).zip(map.values()) {
+        out.copy_from_slice(&encode_value(d).to_be_bytes());
+    }
+    super::png16_bytes(&raw, map.width(), map.height())
 }
 
 /// Reads a KITTI disparity PNG; pixels without a value become `f32::INFINITY`
@@ -63,6 +77,26 @@ mod tests {
         assert_eq!(encode_value(-2.0), 0);
         assert_eq!(encode_value(f32::NAN), 0);
         assert_eq!(encode_value(f32::INFINITY), 0);
+    }
+
+    #[test]
+    fn encode_value_is_round_of_d_times_256_clamped_for_every_kind_of_value() {
+        let reference = |d: f32| {
+            if !d.is_finite() || d <= 0.0 {
+                0
+            } else {
+                (d * SCALE).round().min(f32::from(u16::MAX)) as u16
+            }
+        };
+        let mut cases: Vec<f32> = vec![f32::MAX, f32::MIN_POSITIVE, 1e-30, 255.998, 255.99805, 255.999, 256.0, 1e9];
+        // Every stored unit's half-way point and its neighbouring floats, over the whole range.
+        for k in 0..=65_536u32 {
+            let half = (k as f32 + 0.5) / SCALE;
+            cases.extend([half, f32::from_bits(half.to_bits() + 1), f32::from_bits(half.to_bits() - 1)]);
+        }
+        for d in cases {
+            assert_eq!(encode_value(d), reference(d), "{d:e}");
+        }
     }
 
     #[test]

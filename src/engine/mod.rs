@@ -26,8 +26,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::Span;
 
+pub use crate::decode::SizeMismatch;
 use crate::disparity::DisparityMap;
-pub use model::{DeviceChoice, ExportMetadata, MemoryFormat};
+pub use model::{DeviceChoice, ExportMetadata, ImageSize, MemoryFormat, Precision};
 
 /// Everything the engine thread needs to load and run the model.
 #[derive(Debug, Clone)]
@@ -41,6 +42,10 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Layout of the convolution weights.
     pub memory_format: MemoryFormat,
+    /// Number format the network runs in.
+    pub precision: Precision,
+    /// Input sizes to run once before reporting ready (besides the smallest).
+    pub warm_sizes: Vec<ImageSize>,
     /// Test hook for failure paths; `None` in production.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -50,16 +55,6 @@ pub struct EngineConfig {
 pub struct StereoPair {
     left: Rgb32FImage,
     right: Rgb32FImage,
-}
-
-/// The two images of a pair differ in size.
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("left image is {left_width}x{left_height} but right image is {right_width}x{right_height}; a rectified pair has one size")]
-pub struct SizeMismatch {
-    pub left_width: u32,
-    pub left_height: u32,
-    pub right_width: u32,
-    pub right_height: u32,
 }
 
 impl StereoPair {
@@ -182,6 +177,50 @@ struct Counters {
     abandoned: AtomicU64,
 }
 
+/// The engine's speed and its running job, for an honest `Retry-After`: when
+/// the queue is full, a place frees when the running job ends. Its end is
+/// estimated from its padded pixel count at the recent rate (PSMNet's work is
+/// close to linear in pixels), so one long job does not inflate the estimate
+/// for the small ones after it, as an average time per job would.
+#[derive(Debug, Default)]
+pub struct Pace {
+    /// Moving average of nanoseconds per padded pixel (weight 1/4 on the newest job).
+    ns_per_pixel: AtomicU64,
+    /// The running job: when it began (ms since `epoch`) and its padded pixels.
+    running_since_ms: AtomicU64,
+    running_pixels: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl Pace {
+    fn now_ms(&self) -> u64 {
+        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    fn start(&self, pixels: u64) {
+        self.running_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.running_pixels.store(pixels, Ordering::Relaxed);
+    }
+
+    fn finish(&self) {
+        self.running_pixels.store(0, Ordering::Relaxed);
+    }
+
+    fn record(&self, pixels: u64, took: Duration) {
+        let rate = (took.as_nanos() as u64) / pixels.max(1);
+        let old = self.ns_per_pixel.load(Ordering::Relaxed);
+        self.ns_per_pixel.store(if old == 0 { rate } else { (3 * old + rate) / 4 }, Ordering::Relaxed);
+    }
+
+    /// Estimated time left of the running job (zero when none runs or it is late).
+    pub fn remaining(&self) -> Duration {
+        let pixels = self.running_pixels.load(Ordering::Relaxed);
+        let expected_ms = pixels * self.ns_per_pixel.load(Ordering::Relaxed) / 1_000_000;
+        let elapsed_ms = self.now_ms().saturating_sub(self.running_since_ms.load(Ordering::Relaxed));
+        Duration::from_millis(expected_ms.saturating_sub(elapsed_ms))
+    }
+}
+
 /// A snapshot of the engine's load and history.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct EngineStats {
@@ -234,8 +273,8 @@ pub struct Engine {
     /// a request that goes away frees its place at once.
     admission: Arc<Semaphore>,
     counters: Arc<Counters>,
-    /// Moving average of recent inference times in ms, kept by the engine thread.
-    average_inference_ms: Arc<AtomicU64>,
+    /// How fast the engine works and what it is doing, for Retry-After.
+    pace: Arc<Pace>,
 }
 
 impl Engine {
@@ -248,20 +287,12 @@ impl Engine {
         let (jobs, receiver) = mpsc::channel(4 * (queue_depth + 1));
         let (status_tx, status) = watch::channel(EngineStatus::Loading);
         let counters = Arc::new(Counters::default());
-        let average_inference_ms = Arc::new(AtomicU64::new(0));
-        let shared =
-            model::EngineShared { counters: counters.clone(), average_inference_ms: average_inference_ms.clone() };
+        let pace = Arc::new(Pace::default());
+        let shared = model::EngineShared { counters: counters.clone(), pace: pace.clone() };
         std::thread::Builder::new()
             .name("psmnet-engine".into())
             .spawn(move || model::run_engine(config, receiver, status_tx, shared))?;
-        Ok(Engine {
-            jobs,
-            status,
-            queue_depth,
-            admission: Arc::new(Semaphore::new(queue_depth + 1)),
-            counters,
-            average_inference_ms,
-        })
+        Ok(Engine { jobs, status, queue_depth, admission: Arc::new(Semaphore::new(queue_depth + 1)), counters, pace })
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -336,16 +367,29 @@ impl Engine {
         }
     }
 
-    /// Rough seconds until a place frees: the running job plus a full queue.
+    /// Seconds until a place frees: what is left of the running job.
     fn estimated_drain_secs(&self) -> u64 {
-        let per_job_ms = self.average_inference_ms.load(Ordering::Relaxed);
-        (per_job_ms * (self.queue_depth as u64 + 1)).div_ceil(1000).max(1)
+        self.pace.remaining().as_secs_f64().ceil().max(1.0) as u64
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_what_is_left_of_the_running_job() {
+        let pace = Pace::default();
+        pace.record(1_000_000, Duration::from_secs(20)); // one long job: 20 us a pixel
+        pace.record(1_000_000, Duration::from_secs(4));
+        pace.record(1_000_000, Duration::from_secs(4));
+        // Rate now (3 * ((3 * 20 + 4) / 4) + 4) / 4 = 13 us; a small 0.25 MP job is ~3 s, not 20.
+        pace.start(250_000);
+        let left = pace.remaining();
+        assert!(left > Duration::from_millis(3000) && left < Duration::from_millis(3300), "{left:?}");
+        pace.finish();
+        assert_eq!(pace.remaining(), Duration::ZERO);
+    }
 
     #[test]
     fn pair_requires_equal_sizes() {

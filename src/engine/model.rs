@@ -4,7 +4,7 @@ use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -114,6 +114,98 @@ impl MemoryFormat {
     }
 }
 
+/// Number format of the network's weights and activations, as configured.
+/// Whatever it is, the final soft-argmin (softmax over disparities and the
+/// weighted sum) runs in fp32: the exported graph casts the logits to fp32
+/// before it, so the disparity keeps its sub-pixel resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// fp32 on the CPU (bf16 measured no faster there: 8.4 s vs 8.1 s at KITTI
+    /// size); fp32 on CUDA until the GPU benchmark has measured the others.
+    Auto,
+    Fp32,
+    /// bfloat16: fp32's range, 8 bits of mantissa. Runs on CPU and CUDA.
+    Bf16,
+    /// IEEE half precision. CUDA only: on the CPU libtorch runs it, but over
+    /// 25 times slower than fp32 (no native kernels), so it is refused there.
+    Fp16,
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Precision::Auto),
+            "fp32" | "float32" | "float" => Ok(Precision::Fp32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            "fp16" | "float16" | "half" => Ok(Precision::Fp16),
+            _ => Err(format!("unknown precision '{s}': expected fp32, bf16, fp16 or auto")),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Auto => "auto",
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        })
+    }
+}
+
+impl Precision {
+    /// The concrete precision on `device`, or why it cannot run there.
+    fn resolve(self, device: Device) -> Result<Precision, String> {
+        match (self, device) {
+            (Precision::Auto, _) => Ok(Precision::Fp32),
+            (Precision::Fp16, Device::Cpu) => {
+                Err("precision fp16 is refused on the CPU: libtorch has no fast fp16 kernels there (one 256x256 \
+                 pass took over 25 times as long as in fp32); use bf16 or fp32, or run on CUDA"
+                    .into())
+            }
+            (chosen, _) => Ok(chosen),
+        }
+    }
+
+    fn kind(self) -> Kind {
+        match self {
+            Precision::Bf16 => Kind::BFloat16,
+            Precision::Fp16 => Kind::Half,
+            Precision::Auto | Precision::Fp32 => Kind::Float,
+        }
+    }
+}
+
+/// A `WIDTHxHEIGHT` image size, as given to `--warm-sizes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl FromStr for ImageSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("'{s}' is not an image size: write WIDTHxHEIGHT, e.g. 1242x375");
+        let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+        let (width, height): (u32, u32) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
+        if width == 0 || height == 0 || u64::from(width) * u64::from(height) > 50_000_000 {
+            return Err(format!("{s}: sides must be positive and the image at most 50 M pixels"));
+        }
+        Ok(ImageSize { width, height })
+    }
+}
+
+impl fmt::Display for ImageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
 /// Re-lays every 4D and 5D parameter (the convolution weights) out channels-last,
 /// in place: tch exposes no memory-format argument, so the layout is made by a
 /// permute, a contiguous copy and the inverse permute, then swapped in with
@@ -190,6 +282,8 @@ fn file_sha256(path: &Path) -> Result<String, String> {
 struct StereoModel {
     module: CModule,
     device: Device,
+    /// Element type of the weights, which the inputs are cast to.
+    kind: Kind,
     rule: PadRule,
     normaliser: Normaliser,
     info: ModelInfo,
@@ -219,9 +313,15 @@ impl StereoModel {
             // Input sizes repeat (padded to multiples of 16), so autotuning pays off.
             tch::Cuda::cudnn_set_benchmark(true);
         }
+        let precision = config.precision.resolve(device)?;
         let mut module =
             CModule::load_on_device(path, device).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
         module.set_eval();
+        if precision != Precision::Fp32 {
+            // tch's `to` panics on failure rather than returning it.
+            catch_unwind(AssertUnwindSafe(|| module.to(device, precision.kind(), false)))
+                .map_err(|_| format!("cannot cast the model to {precision} on {}", device_name(device)))?;
+        }
         let memory_format = config.memory_format.resolve(device);
         if memory_format == MemoryFormat::ChannelsLast {
             let converted = to_channels_last(&module).map_err(|e| format!("channels-last weights: {e}"))?;
@@ -240,13 +340,13 @@ impl StereoModel {
             exported_with_torch: meta.torch_version.clone(),
             cuda_linked: crate::CUDA_LINKED,
             cuda_available: tch::Cuda::is_available(),
-            precision: "fp32".into(),
+            precision: precision.to_string(),
             memory_format: memory_format.name().into(),
             size_multiple: meta.size_multiple,
             min_size: meta.min_size,
         };
         let normaliser = Normaliser::new(device).map_err(|e| format!("preparing the input statistics: {e}"))?;
-        Ok(StereoModel { module, device, rule: PadRule::PSMNET, normaliser, info })
+        Ok(StereoModel { module, device, kind: precision.kind(), rule: PadRule::PSMNET, normaliser, info })
     }
 
     /// Disparity of `pair`'s left image. Every libtorch call is the fallible
@@ -255,8 +355,9 @@ impl StereoModel {
         let _no_grad = tch::no_grad_guard();
         let (width, height) = pair.dimensions();
         let geometry = self.rule.geometry(width, height);
-        let left = self.normaliser.input(pair.left(), &geometry).map_err(torch_error)?;
-        let right = self.normaliser.input(pair.right(), &geometry).map_err(torch_error)?;
+        let input = |image| self.normaliser.input(image, &geometry)?.f_to_kind(self.kind);
+        let left = input(pair.left()).map_err(torch_error)?;
+        let right = input(pair.right()).map_err(torch_error)?;
         let output = self.module.forward_ts(&[left, right]).map_err(torch_error)?;
         let values = cropped_output(&output, &geometry).map_err(torch_error)?.ok_or_else(|| {
             EngineError::Inference(format!(
@@ -292,7 +393,7 @@ fn torch_error(e: tch::TchError) -> EngineError {
 /// State the engine thread shares with its [`Engine`](super::Engine) handles.
 pub(super) struct EngineShared {
     pub counters: Arc<super::Counters>,
-    pub average_inference_ms: Arc<AtomicU64>,
+    pub pace: Arc<super::Pace>,
 }
 
 impl StereoModel {
@@ -303,7 +404,7 @@ impl StereoModel {
             Some(Fault::TorchError) => {
                 // One channel where the network expects three: libtorch raises a real error.
                 let _no_grad = tch::no_grad_guard();
-                let wrong = Tensor::f_zeros([1, 1, 256, 256], (Kind::Float, self.device)).map_err(torch_error)?;
+                let wrong = Tensor::f_zeros([1, 1, 256, 256], (self.kind, self.device)).map_err(torch_error)?;
                 let _unexpected = self.module.forward_ts(&[&wrong, &wrong]).map_err(torch_error)?;
                 Err(EngineError::Inference("a malformed input was accepted".into()))
             }
@@ -313,6 +414,31 @@ impl StereoModel {
             Some(Fault::Panic) => panic!("injected fault: panic during inference"),
         }
     }
+}
+
+/// Runs one pass at the smallest input (allocates buffers and, on CUDA,
+/// selects cuDNN algorithms), then one per `sizes` (`--warm-sizes`), so the
+/// first real request at those sizes pays neither cuDNN autotuning nor the
+/// TorchScript profiling executor's first runs. Each is logged with its time.
+fn warm_up(model: &StereoModel, sizes: &[ImageSize], shared: &EngineShared) -> Result<(), String> {
+    let smallest = ImageSize { width: model.rule.min_size, height: model.rule.min_size };
+    for (i, size) in std::iter::once(smallest).chain(sizes.iter().copied()).enumerate() {
+        let started = Instant::now();
+        let blank = image::Rgb32FImage::new(size.width, size.height);
+        let pair = StereoPair::new(blank.clone(), blank).expect("same size");
+        match catch_unwind(AssertUnwindSafe(|| model.predict(&pair))) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("warm-up inference at {size} failed: {e}")),
+            Err(_) => return Err(format!("warm-up inference at {size} panicked")),
+        }
+        let ms = started.elapsed().as_millis() as u64;
+        if i == 0 {
+            let pixels = model.rule.geometry(size.width, size.height).padded_len() as u64;
+            shared.pace.record(pixels, started.elapsed());
+        }
+        info!(size = %size, elapsed_ms = ms, "warm-up pass done");
+    }
+    Ok(())
 }
 
 /// Body of the engine thread: load, warm up, then serve jobs until every
@@ -334,26 +460,10 @@ pub(super) fn run_engine(
     };
     info!(device = %model.info.device, model = %config.model_path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "model loaded");
 
-    // One pass at the smallest input: allocates buffers and, on CUDA, selects
-    // cuDNN algorithms, so the first real request is not the slow one.
-    let warmup_started = Instant::now();
-    let blank = image::Rgb32FImage::new(model.rule.min_size, model.rule.min_size);
-    let warmup = StereoPair::new(blank.clone(), blank).expect("same size");
-    match catch_unwind(AssertUnwindSafe(|| model.predict(&warmup))) {
-        Ok(Ok(_)) => {
-            let ms = warmup_started.elapsed().as_millis() as u64;
-            shared.average_inference_ms.store(ms, Ordering::Relaxed);
-            info!(elapsed_ms = ms, "warm-up pass done");
-        }
-        Ok(Err(e)) => {
-            error!(error = %e, "warm-up pass failed");
-            status.send_replace(EngineStatus::Failed(format!("warm-up inference failed: {e}")));
-            return;
-        }
-        Err(_) => {
-            status.send_replace(EngineStatus::Failed("warm-up inference panicked".into()));
-            return;
-        }
+    if let Err(why) = warm_up(&model, &config.warm_sizes, &shared) {
+        error!(%why, "warm-up failed");
+        status.send_replace(EngineStatus::Failed(why));
+        return;
     }
     status.send_replace(EngineStatus::Ready(Arc::new(model.info.clone())));
 
@@ -369,6 +479,9 @@ pub(super) fn run_engine(
         };
         let queue = job.enqueued.elapsed();
         let begun = Instant::now();
+        let (width, height) = pair.dimensions();
+        let pixels = model.rule.geometry(width, height).padded_len() as u64;
+        shared.pace.start(pixels);
         let result = match catch_unwind(AssertUnwindSafe(|| model.predict_or_fault(&pair, config.faults.as_deref()))) {
             Ok(result) => result,
             Err(_) => Err(EngineError::Inference("the inference code panicked".into())),
@@ -377,16 +490,14 @@ pub(super) fn run_engine(
         match &result {
             Ok(_) => {
                 counters.completed.fetch_add(1, Ordering::Relaxed);
-                // Exponential moving average, weight 1/4 on the newest job.
-                let ms = inference.as_millis() as u64;
-                let old = shared.average_inference_ms.load(Ordering::Relaxed);
-                shared.average_inference_ms.store(if old == 0 { ms } else { (3 * old + ms) / 4 }, Ordering::Relaxed);
+                shared.pace.record(pixels, inference);
             }
             Err(e) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, "inference failed");
             }
         }
+        shared.pace.finish();
         // The receiver may have gone while we ran; nothing to do then.
         let _ = job.reply.send(result.map(|disparity| Prediction { disparity, queue, inference }));
     }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use loadgen::{multipart, ServerProcess};
 use serde_json::json;
 use stereo_recon::decode::decode_rgb;
-use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, StereoPair};
+use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, Precision, StereoPair};
 
 struct Options {
     device: String,
@@ -168,6 +168,8 @@ fn main() {
             queue_depth: 1,
             threads: 0,
             memory_format: o.memory_format.parse().expect("--memory-format"),
+            precision: Precision::Auto,
+            warm_sizes: Vec::new(),
             faults: None,
         };
         let engine = Engine::start(config).unwrap();

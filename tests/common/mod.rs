@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use bytes::Bytes;
 use image::{DynamicImage, ImageFormat, RgbImage};
-use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, MemoryFormat};
+use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, MemoryFormat, Precision};
 use stereo_recon::{AppState, Limits};
 use tower::ServiceExt;
 
@@ -37,6 +37,8 @@ pub fn engine_config(model_path: PathBuf, queue_depth: usize) -> EngineConfig {
         queue_depth,
         threads: 0,
         memory_format: MemoryFormat::Auto,
+        precision: Precision::Auto,
+        warm_sizes: Vec::new(),
         faults: None,
     }
 }
@@ -60,7 +62,16 @@ pub const DEFAULT_LIMITS: Limits =
     Limits { max_upload_bytes: 16 * 1024 * 1024, max_pixels: 1_000_000, upload_timeout: Duration::from_secs(30) };
 
 pub fn state(engine: Engine, limits: Limits) -> AppState {
-    AppState { engine, limits, static_dir: repo().join("static"), data_dir: repo().join("data") }
+    AppState {
+        engine,
+        limits,
+        static_dir: repo().join("static"),
+        data_dir: repo().join("data"),
+        uploads: stereo_recon::api::guard::UploadBudget::new(1 << 30),
+        origins: Default::default(),
+        connections: Default::default(),
+        connection_stats: Default::default(),
+    }
 }
 
 pub fn app(engine: Engine) -> Router {

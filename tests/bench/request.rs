@@ -1,0 +1,329 @@
+//! Where a request's time goes around inference: `make bench-request`.
+//!
+//! Two tables, for each size (default KITTI's 1242x375 and the synthetic
+//! scene's 512x384) and each answer format (json, color, png16, pfm):
+//!
+//! 1. In process, the server's own functions timed step by step (median of
+//!    `--iters` runs): decoding each upload and the pair as the server does it,
+//!    then each format's encoding, split into its parts for JSON. The disparity
+//!    map encoded is a real prediction of the pair (one CPU inference per size).
+//! 2. Over loopback, against the real server binary (`--server-bin`, default
+//!    the one cargo built): `--requests` requests per format, the medians of
+//!    the server's `Server-Timing` phases, of what the client saw, and of the
+//!    client's time minus the server's inference (upload, decode, queue,
+//!    encode and download together). `--server-bin` may be given several
+//!    times (an older build, then this one) to A/B them in one run.
+//!
+//! `cargo bench --bench request -- [--sizes 1242x375,512x384] [--iters 15]
+//!  [--requests 5] [--formats json,color,png16,pfm] [--no-http] [--no-phases]
+//!  [--server-bin PATH] [--json OUT]`
+//!
+//! The pairs: `../shared/stereo/kitti_000001` (real KITTI photographs) resized
+//! to each size when present, else the synthetic scene in `data/`.
+
+#[path = "../common/loadgen.rs"]
+mod loadgen;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::{ExtendedColorType, ImageEncoder};
+use loadgen::{multipart, ServerProcess};
+use serde_json::json;
+use stereo_recon::api::answer::{encode_answer, AnswerContext, OutputFormat};
+use stereo_recon::codec::{colormap, kitti, pfm};
+use stereo_recon::decode::{decode_pair, decode_rgb};
+use stereo_recon::disparity::DisparityMap;
+use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, MemoryFormat, Precision, StereoPair};
+use tokio::io::{AsyncWriteExt, BufReader};
+
+const FORMATS: [&str; 4] = ["json", "color", "png16", "pfm"];
+
+struct Options {
+    sizes: Vec<(u32, u32)>,
+    iters: usize,
+    requests: usize,
+    formats: Vec<String>,
+    phases: bool,
+    http: bool,
+    model: PathBuf,
+    /// Server builds to compare, each measured in turn in this run (A/B).
+    server_bins: Vec<PathBuf>,
+    json: Option<PathBuf>,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        sizes: vec![(1242, 375), (512, 384)],
+        iters: 15,
+        requests: 5,
+        formats: FORMATS.map(String::from).to_vec(),
+        phases: true,
+        http: true,
+        model: std::env::var("STEREO_RECON_MODEL").unwrap_or_else(|_| "models/psmnet_kitti2015.pt".into()).into(),
+        server_bins: Vec::new(),
+        json: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--sizes" => {
+                o.sizes = value()
+                    .split(',')
+                    .map(|s| {
+                        let (w, h) = s.split_once('x').expect("--sizes WxH,WxH");
+                        (w.parse().expect("width"), h.parse().expect("height"))
+                    })
+                    .collect()
+            }
+            "--iters" => o.iters = value().parse().expect("--iters N"),
+            "--requests" => o.requests = value().parse().expect("--requests N"),
+            "--formats" => o.formats = value().split(',').map(String::from).collect(),
+            "--no-http" => o.http = false,
+            "--no-phases" => o.phases = false,
+            "--model" => o.model = value().into(),
+            "--server-bin" => o.server_bins.push(value().into()),
+            "--json" => o.json = Some(value().into()),
+            "--bench" => {}
+            other => panic!("unknown option {other}"),
+        }
+    }
+    if o.server_bins.is_empty() {
+        let default = std::env::var_os("STEREO_RECON_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_stereo-recon").into());
+        o.server_bins.push(default.into());
+    }
+    o
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Median milliseconds of `iters` runs of `f`.
+fn time_ms<T>(iters: usize, mut f: impl FnMut() -> T) -> f64 {
+    median(
+        (0..iters)
+            .map(|_| {
+                let started = Instant::now();
+                std::hint::black_box(f());
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect(),
+    )
+}
+
+/// The benchmark pair at `width x height`, as PNG files a camera pipeline
+/// would write (the image crate's default compression).
+fn pair_at(width: u32, height: u32) -> (Vec<u8>, Vec<u8>) {
+    let shared = Path::new("../shared/stereo/kitti_000001");
+    let dir = if shared.join("left.png").is_file() { shared } else { Path::new("data/synthetic") };
+    let load = |name: &str| {
+        let path = dir.join(name);
+        let image = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
+        let image = if image.dimensions() == (width, height) {
+            image
+        } else {
+            image::imageops::resize(&image, width, height, image::imageops::FilterType::CatmullRom)
+        };
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    (load("left.png"), load("right.png"))
+}
+
+fn format_of(name: &str) -> OutputFormat {
+    match name {
+        "json" => OutputFormat::Json,
+        "color" => OutputFormat::Color,
+        "png16" => OutputFormat::Png16,
+        "pfm" => OutputFormat::Pfm,
+        other => panic!("unknown format {other}"),
+    }
+}
+
+/// Table 1: the server's functions, step by step.
+fn phases(o: &Options, engine: &Engine, runtime: &tokio::runtime::Runtime) -> serde_json::Value {
+    let mut rows = Vec::new();
+    for &(width, height) in &o.sizes {
+        let (left, right) = pair_at(width, height);
+        let (l, r) = decode_pair(&left, &right, u64::MAX).expect("the pair decodes");
+        let pair = StereoPair::new(l, r).expect("one size");
+        let map: DisparityMap = runtime.block_on(engine.predict(pair)).expect("inference").disparity;
+        let mut row = BTreeMap::new();
+        row.insert("decode_left", time_ms(o.iters, || decode_rgb(&left, u64::MAX).unwrap()));
+        row.insert("decode_right", time_ms(o.iters, || decode_rgb(&right, u64::MAX).unwrap()));
+        row.insert("png_inflate_left", time_ms(o.iters, || image::load_from_memory(&left).unwrap()));
+        row.insert("decode_pair", time_ms(o.iters, || decode_pair(&left, &right, u64::MAX).unwrap()));
+        let stats = map.stats();
+        row.insert("colorize", time_ms(o.iters, || colormap::colorize(&map, stats.min, stats.max)));
+        row.insert("color_png", time_ms(o.iters, || colormap::color_png(&map)));
+        row.insert("png16", time_ms(o.iters, || kitti::encode_png16(&map)));
+        row.insert("pfm", time_ms(o.iters, || pfm::encode(&map)));
+        // What each PNG filter costs and saves on this map (the choice in codec::png_bytes).
+        let colour_raw = colormap::colorize(&map, stats.min, stats.max).into_raw();
+        let png16_raw: Vec<u8> = map.values().iter().flat_map(|&d| kitti::encode_value(d).to_ne_bytes()).collect();
+        let mut filters = BTreeMap::new();
+        for filter in [
+            FilterType::NoFilter,
+            FilterType::Sub,
+            FilterType::Up,
+            FilterType::Avg,
+            FilterType::Paeth,
+            FilterType::Adaptive,
+        ] {
+            for (what, raw, colour) in
+                [("color", &colour_raw, ExtendedColorType::Rgb8), ("png16", &png16_raw, ExtendedColorType::L16)]
+            {
+                let encode = || {
+                    let mut out = Vec::new();
+                    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, filter)
+                        .write_image(raw, width, height, colour)
+                        .unwrap();
+                    out
+                };
+                let bytes = encode().len();
+                filters.insert(format!("{what} {filter:?}"), (time_ms(o.iters, encode), bytes));
+            }
+        }
+        println!("\nPNG filters at {width}x{height} (fast deflate): ms, bytes");
+        for (name, (ms, bytes)) in &filters {
+            println!("  {name:<18} {ms:7.2} {bytes:>9}");
+        }
+        for name in &o.formats {
+            let context =
+                AnswerContext { format: format_of(name), include_pfm: false, truth: None, reconstruction: None };
+            let key: &'static str = match name.as_str() {
+                "json" => "encode_json",
+                "color" => "encode_color",
+                "png16" => "encode_png16",
+                _ => "encode_pfm",
+            };
+            row.insert(key, time_ms(o.iters, || encode_answer(&context, &map)));
+        }
+        println!("\nin process, {width}x{height} (median of {} runs, ms):", o.iters);
+        for (step, ms) in &row {
+            println!("  {step:<14} {ms:8.2}");
+        }
+        rows.push(json!({ "size": format!("{width}x{height}"), "ms": row, "png_filters_ms_bytes": filters }));
+    }
+    json!(rows)
+}
+
+/// The phases of one `Server-Timing` header, by name.
+fn server_timing(header: &str) -> BTreeMap<String, f64> {
+    header
+        .split(',')
+        .filter_map(|part| {
+            let (name, duration) = part.trim().split_once(";dur=")?;
+            Some((name.trim().to_owned(), duration.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// One request on a fresh connection; (client ms, Server-Timing phases).
+async fn one_request(
+    address: std::net::SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (f64, BTreeMap<String, f64>) {
+    let started = Instant::now();
+    let mut stream = BufReader::new(tokio::net::TcpStream::connect(address).await.expect("connect"));
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.get_mut().write_all(head.as_bytes()).await.expect("send head");
+    stream.get_mut().write_all(body).await.expect("send body");
+    let (status, headers, answer) = loadgen::read_response(&mut stream).await.expect("a response");
+    let client_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&answer));
+    (client_ms, server_timing(headers.get("server-timing").map(String::as_str).unwrap_or("")))
+}
+
+/// Table 2: the real server over loopback, one build after the other.
+fn http(o: &Options, runtime: &tokio::runtime::Runtime) -> serde_json::Value {
+    o.server_bins
+        .iter()
+        .map(|bin| json!({ "server_bin": bin.display().to_string(), "rows": http_one(o, bin, runtime) }))
+        .collect()
+}
+
+fn http_one(o: &Options, server_bin: &Path, runtime: &tokio::runtime::Runtime) -> serde_json::Value {
+    println!("\nover loopback: {}", server_bin.display());
+    let args: Vec<String> = ["--device", "cpu", "--queue-depth", "4", "--model"]
+        .map(String::from)
+        .into_iter()
+        .chain([o.model.display().to_string()])
+        .collect();
+    let mut server = ServerProcess::start(server_bin, &args, Path::new("."));
+    let address = server.address;
+    let mut rows = Vec::new();
+    for &(width, height) in &o.sizes {
+        let (left, right) = pair_at(width, height);
+        let (content_type, body) = multipart(&[("left", &left), ("right", &right)]);
+        let body = Arc::new(body);
+        // Health, then one untimed request at this size (the profiling executor's first runs).
+        let ready_by = Instant::now() + Duration::from_secs(300);
+        while loadgen::http(address, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0 != 200 {
+            assert!(Instant::now() < ready_by, "server not ready");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        runtime.block_on(one_request(address, "/api/v1/disparity?format=pfm", &content_type, &body));
+        for name in &o.formats {
+            let path = format!("/api/v1/disparity?format={name}");
+            let samples: Vec<_> =
+                (0..o.requests).map(|_| runtime.block_on(one_request(address, &path, &content_type, &body))).collect();
+            let phase =
+                |key: &str| median(samples.iter().map(|(_, t)| t.get(key).copied().unwrap_or(f64::NAN)).collect());
+            let client = median(samples.iter().map(|(c, _)| *c).collect());
+            let around = median(samples.iter().map(|(c, t)| c - t.get("inference").copied().unwrap_or(0.0)).collect());
+            let (decode, encode) = (phase("decode"), phase("encode"));
+            println!(
+                "http {width}x{height} {name:<6} decode {decode:6.2}  encode {encode:6.2}  decode+encode {:6.2}  inference {:8.1}  client {client:8.1}  client-inference {around:6.2} ms",
+                decode + encode,
+                phase("inference"),
+            );
+            rows.push(json!({
+                "size": format!("{width}x{height}"), "format": name, "requests": o.requests,
+                "decode_ms": decode, "encode_ms": encode, "decode_plus_encode_ms": decode + encode,
+                "queue_ms": phase("queue"), "inference_ms": phase("inference"), "server_total_ms": phase("total"),
+                "client_ms": client, "client_minus_inference_ms": around,
+            }));
+        }
+    }
+    let exit = server.terminate(Duration::from_secs(60));
+    assert!(exit.success(), "server exit {exit}");
+    json!(rows)
+}
+
+fn main() {
+    let o = options();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let phases = o.phases.then(|| {
+        let config = EngineConfig {
+            model_path: o.model.clone(),
+            device: DeviceChoice::Cpu,
+            queue_depth: 1,
+            threads: 0,
+            memory_format: MemoryFormat::Auto,
+            precision: Precision::Auto,
+            warm_sizes: Vec::new(),
+            faults: None,
+        };
+        let engine = Engine::start(config).expect("engine thread");
+        runtime.block_on(engine.wait_ready()).expect("model loads");
+        phases(&o, &engine, &runtime)
+    });
+    let http = o.http.then(|| http(&o, &runtime));
+    let result = json!({ "in_process": phases, "http": http });
+    if let Some(path) = &o.json {
+        std::fs::write(path, format!("{}\n", serde_json::to_string_pretty(&result).unwrap())).unwrap();
+    }
+}

@@ -1,0 +1,114 @@
+//! Smaller holes a hostile or careless client finds, and the browser security
+//! policy: each answer is our JSON error with the right status, echoes stay
+//! short, file routes neither redirect nor answer empty, and pages on other
+//! origins cannot spend the server's GPU.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use common::*;
+use stereo_recon::api::guard::OriginPolicy;
+
+#[tokio::test]
+async fn gt_scale_must_be_a_positive_number() {
+    let app = app(failed_engine().await);
+    for bad in ["0", "-2", "NaN", "inf", "-inf"] {
+        let reply =
+            send(&app, multipart_request(&format!("/api/v1/disparity?gt_scale={bad}"), &[("left", b"x")])).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "gt_scale={bad}");
+        assert_eq!(reply.error_code(), "invalid_query", "gt_scale={bad}");
+    }
+}
+
+#[tokio::test]
+async fn error_messages_echo_client_text_only_in_short() {
+    let app = app(failed_engine().await);
+    let long_name = "n".repeat(200_000);
+    let reply = send(&app, multipart_request("/api/v1/disparity", &[(&long_name, b"x")])).await;
+    assert_eq!(reply.error_code(), "unexpected_field");
+    assert!(reply.body.len() < 1024, "a {} byte error body", reply.body.len());
+    let long_type = format!("text/{}", "p".repeat(100_000));
+    let request = Request::post("/api/v1/disparity").header("content-type", long_type).body(Body::empty()).unwrap();
+    let reply = send(&app, request).await;
+    assert_eq!(reply.error_code(), "unsupported_media_type");
+    assert!(reply.body.len() < 1024, "a {} byte error body", reply.body.len());
+    let reply = get(&app, &format!("/{}", "q".repeat(50_000))).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(reply.body.len() < 1024);
+}
+
+#[tokio::test]
+async fn file_routes_answer_json_and_never_redirect() {
+    let app = app(failed_engine().await);
+    for uri in [
+        "/data/synthetic",
+        "/data/synthetic/",
+        "/static/nope.js",
+        "/data/nope.png",
+        "http://evil.example/data/synthetic",
+    ] {
+        let reply = get(&app, uri).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{uri}");
+        assert!(reply.headers.get("location").is_none(), "{uri} redirects");
+        assert_eq!(reply.error_code(), "not_found", "{uri}");
+    }
+    let reply = send(&app, Request::post("/static/app.js").body(Body::empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.error_code(), "method_not_allowed");
+    assert_eq!(get(&app, "/static/app.js").await.status, StatusCode::OK, "files are still served");
+}
+
+#[tokio::test]
+async fn pages_on_other_origins_cannot_post_unless_allowed() {
+    let engine = failed_engine().await;
+    let app = app(engine.clone());
+    let post = |origin: &str| {
+        Request::post("/api/v1/disparity")
+            .header("host", "localhost:5000")
+            .header("origin", origin)
+            .header("content-type", "text/plain")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let reply = send(&app, post("https://evil.example")).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.error_code(), "cross_origin_forbidden");
+    // The page's own origin, and clients without Origin, reach the handler (415 here).
+    assert_eq!(send(&app, post("http://localhost:5000")).await.error_code(), "unsupported_media_type");
+    // Reading the health from another origin is harmless and not refused.
+    let read = Request::get("/api/v1/health").header("origin", "https://evil.example").body(Body::empty()).unwrap();
+    assert_ne!(send(&app, read).await.status, StatusCode::FORBIDDEN);
+
+    let mut allowed = state(engine, DEFAULT_LIMITS);
+    allowed.origins = OriginPolicy { allowed: vec!["https://lab.example".into()] };
+    let app = stereo_recon::router(allowed);
+    let preflight = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/api/v1/disparity")
+        .header("origin", "https://lab.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .body(Body::empty())
+        .unwrap();
+    let reply = send(&app, preflight).await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(reply.header("access-control-allow-origin"), "https://lab.example");
+    assert!(reply.header("access-control-allow-methods").contains("POST"));
+    let reply = send(&app, post("https://lab.example")).await;
+    assert_eq!(reply.error_code(), "unsupported_media_type", "allowed origins reach the handler");
+    assert_eq!(reply.header("access-control-allow-origin"), "https://lab.example");
+    assert_eq!(send(&app, post("https://other.example")).await.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn the_page_is_sent_with_security_headers() {
+    let app = app(failed_engine().await);
+    let reply = get(&app, "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let csp = reply.header("content-security-policy");
+    assert!(csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(reply.header("x-content-type-options"), "nosniff");
+    assert_eq!(reply.header("referrer-policy"), "no-referrer");
+    assert_eq!(reply.header("x-frame-options"), "DENY");
+}
