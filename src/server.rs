@@ -327,44 +327,21 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
             // The request counts as in progress until its answer's body is sent
             // (or dropped): a download is as much in flight as an inference.
             let response = router.oneshot(request).await;
-            response.map(|r| r.map(|body| Body::new(SendingBody { inner: body, _busy: guard })))
+            response.map(|r| r.map(|body| Body::new(WatchedBody { inner: body, finished: None, _busy: Some(guard) })))
         })
     }
 }
 
-/// An answer's body, keeping its request counted as in progress while it lives.
-struct SendingBody {
+/// A body the connection layer watches: a request body records whether it
+/// was read to its end; an answer's body keeps its request counted as in
+/// progress while it lives.
+struct WatchedBody {
     inner: Body,
-    _busy: BusyGuard,
+    finished: Option<Arc<AtomicBool>>,
+    _busy: Option<BusyGuard>,
 }
 
-impl http_body::Body for SendingBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A request body that records whether it was read to its end.
-struct TrackedBody {
-    inner: Body,
-    finished: Arc<AtomicBool>,
-}
-
-impl http_body::Body for TrackedBody {
+impl http_body::Body for WatchedBody {
     type Data = bytes::Bytes;
     type Error = axum::Error;
 
@@ -373,8 +350,10 @@ impl http_body::Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.finished.store(true, Ordering::Release);
+        if let Some(finished) = &self.finished {
+            if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+                finished.store(true, Ordering::Release);
+            }
         }
         polled
     }
@@ -395,7 +374,7 @@ pub async fn close_after_unread_body(request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
     let connection = parts.extensions.get::<ConnectionHandle>().cloned();
-    let body = Body::new(TrackedBody { inner: body, finished: finished.clone() });
+    let body = Body::new(WatchedBody { inner: body, finished: Some(finished.clone()), _busy: None });
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if !finished.load(Ordering::Acquire) {
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));

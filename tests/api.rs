@@ -35,6 +35,7 @@ async fn multipart_json_answer_has_stats_timings_and_images() {
     assert_eq!((body["width"].as_u64(), body["height"].as_u64()), (Some(300), Some(250)));
     assert_eq!(body["device"], "cpu");
     assert_eq!(body["model"], "psmnet-kitti2015");
+    assert_eq!(body["precision"], "fp32", "auto is fp32 on the CPU");
     let (min, max, mean) = (
         body["disparity"]["min"].as_f64().unwrap(),
         body["disparity"]["max"].as_f64().unwrap(),
@@ -401,6 +402,7 @@ async fn health_and_model_describe_the_loaded_network() {
     assert_eq!(m["parameters"], 5_224_768);
     assert_eq!(m["maxdisp"], 192);
     assert_eq!(m["device"], "cpu");
+    assert_eq!(m["precision"], "fp32");
     assert!(m["libtorch_version"].as_str().unwrap().starts_with("2.11.0"), "{m}");
     assert_eq!(m["cuda_linked"], true);
     assert_eq!(m["input"]["size_multiple"], 16);

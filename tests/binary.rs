@@ -125,7 +125,14 @@ fn eval_scores_pairs_and_saves_predictions_and_error_maps() {
 
 #[test]
 fn serve_answers_on_a_socket_and_drains_on_sigterm() {
-    let args = ["--device".into(), "cpu".into(), "--model".into(), model_path().display().to_string()];
+    let args = [
+        "--device".into(),
+        "cpu".into(),
+        "--warm-sizes".into(),
+        "300x250".into(),
+        "--model".into(),
+        model_path().display().to_string(),
+    ];
     let mut server = ServerProcess::start(Path::new(BIN), &args, &repo());
     let address = server.address;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -139,6 +146,12 @@ fn serve_answers_on_a_socket_and_drains_on_sigterm() {
         assert!(Instant::now() < deadline, "model did not become ready in time");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The listed warm-up size ran, with its time, before health turned 200.
+    let log: Vec<String> = server.log.try_iter().collect();
+    assert!(
+        log.iter().any(|l| l.contains("warm-up pass done") && l.contains("size=300x250") && l.contains("elapsed_ms")),
+        "{log:#?}"
+    );
     let pfm_request = |left: &[u8], right: &[u8]| {
         let (content_type, body) = multipart(&[("left", left), ("right", right)]);
         let mut request = format!(

@@ -342,3 +342,24 @@ async fn read_http_response<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) 
     reader.read_exact(&mut body).await.unwrap();
     (status, head, body)
 }
+
+#[tokio::test]
+async fn an_answer_after_the_whole_body_was_read_keeps_the_connection() {
+    let server = start(ConnectionLimits::default()).await;
+    let (content_type, body) = multipart(&[("left", b"only one image")]);
+    let head = format!(
+        "POST /api/v1/disparity HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    for _ in 0..2 {
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&body).await.unwrap();
+        let mut reader = tokio::io::BufReader::new(&mut stream);
+        let (status, headers, answer) = read_http_response(&mut reader).await;
+        assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
+        assert!(!headers.contains("connection: close"), "the body was read: keep the connection\n{headers}");
+    }
+    assert_eq!(server.stats.lingered.load(Ordering::Relaxed), 0);
+    server.shutdown().await;
+}

@@ -179,6 +179,39 @@ impl Precision {
     }
 }
 
+/// Refuses bf16 on a CPU that has no fast bf16 kernels. Without AVX-512 BF16
+/// or AMX, libtorch computes bf16 3D convolutions by a reference path that
+/// measured 600 times slower than fp32 on an AVX2 EPYC (104 s for one of
+/// PSMNet's cost-volume convolutions): a server would never finish warming
+/// up. One small 3D convolution in each type tells (milliseconds where bf16 is
+/// fast, about a second where it is not).
+fn check_cpu_bf16_speed() -> Result<(), String> {
+    let probe = || -> Result<(f64, f64), tch::TchError> {
+        let _no_grad = tch::no_grad_guard();
+        let input = Tensor::f_ones([1, 16, 8, 24, 24], (Kind::Float, Device::Cpu))?;
+        let weight = Tensor::f_ones([16, 16, 3, 3, 3], (Kind::Float, Device::Cpu))?;
+        let time = |input: &Tensor, weight: &Tensor| -> Result<f64, tch::TchError> {
+            let run = || input.f_conv3d(weight, None::<&Tensor>, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1);
+            let _ = run()?; // first call: kernel selection, allocation
+            let started = Instant::now();
+            let _ = run()?;
+            Ok(started.elapsed().as_secs_f64())
+        };
+        let fp32 = time(&input, &weight)?;
+        let bf16 = time(&input.f_to_kind(Kind::BFloat16)?, &weight.f_to_kind(Kind::BFloat16)?)?;
+        Ok((fp32, bf16))
+    };
+    let (fp32, bf16) = probe().map_err(|e| format!("bf16 on the CPU: {e}"))?;
+    if bf16 > 4.0 * fp32 + 0.002 {
+        return Err(format!(
+            "precision bf16 is refused on this CPU: it has no fast bf16 kernels (a small 3D convolution took \
+             {:.0} times as long as in fp32; that needs AVX-512 BF16 or AMX); use fp32, or run on CUDA",
+            bf16 / fp32.max(1e-9)
+        ));
+    }
+    Ok(())
+}
+
 /// A `WIDTHxHEIGHT` image size, as given to `--warm-sizes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageSize {
@@ -314,6 +347,9 @@ impl StereoModel {
             tch::Cuda::cudnn_set_benchmark(true);
         }
         let precision = config.precision.resolve(device)?;
+        if precision == Precision::Bf16 && device == Device::Cpu {
+            check_cpu_bf16_speed()?;
+        }
         let mut module =
             CModule::load_on_device(path, device).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
         module.set_eval();
@@ -517,6 +553,22 @@ mod tests {
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
         assert!("tpu".parse::<DeviceChoice>().is_err());
         assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn parses_precisions_and_warm_sizes() {
+        assert_eq!("BF16".parse(), Ok(Precision::Bf16));
+        assert_eq!("half".parse(), Ok(Precision::Fp16));
+        assert_eq!(Precision::Auto.resolve(Device::Cpu), Ok(Precision::Fp32));
+        assert_eq!(Precision::Auto.resolve(Device::Cuda(0)), Ok(Precision::Fp32));
+        assert!(Precision::Fp16.resolve(Device::Cpu).unwrap_err().contains("bf16"));
+        assert_eq!(Precision::Fp16.resolve(Device::Cuda(0)), Ok(Precision::Fp16));
+        assert!("fp8".parse::<Precision>().is_err());
+        assert_eq!("1242x375".parse(), Ok(ImageSize { width: 1242, height: 375 }));
+        assert_eq!(" 960X512 ".parse::<ImageSize>().unwrap().to_string(), "960x512");
+        for bad in ["1242", "0x5", "ax3", "100000x100000"] {
+            assert!(bad.parse::<ImageSize>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn main() {
             "--chunk-kb" => chunk_kb = value().parse().unwrap(),
             "--seconds" => seconds = value().parse().unwrap(),
             "--bench" => {}
-            "--" => server_args.extend(args.by_ref()),
+            "--" => server_args.extend(args.by_ref().filter(|a| a != "--bench")),
             other => panic!("unknown option {other}"),
         }
     }
