@@ -14,6 +14,17 @@ use crate::engine::{DeviceChoice, EngineConfig, ImageSize, MemoryFormat, Precisi
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text (for people) or json (one object a line with the same fields, for log
+    /// shippers). Logs go to stderr; RUST_LOG filters them.
+    #[arg(long, env = "STEREO_RECON_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use stereo_recon::cli;
-use stereo_recon::config::{Cli, Command};
+use stereo_recon::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -13,12 +13,13 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,stereo_recon=info"));
     // Logs go to stderr (stdout carries `predict`'s result); colour only on a terminal.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(ansi).init(),
+        // One JSON object a line: the event's fields at the top level, the
+        // request span's fields (request_id, method, path, size) under "span".
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -203,3 +203,41 @@ fn serve_fails_fast_when_the_model_is_missing() {
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(log.contains("not found"), "{log}");
 }
+
+#[test]
+fn json_logs_carry_one_line_per_request_with_its_request_id() {
+    let args = [
+        "--log-format".into(),
+        "json".into(),
+        "--device".into(),
+        "cpu".into(),
+        "--model".into(),
+        model_path().display().to_string(),
+    ];
+    let mut server = ServerProcess::start(Path::new(BIN), &args, &repo());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http(server.address, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0 != 200 {
+        assert!(Instant::now() < deadline, "model did not become ready in time");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _) = http(
+        server.address,
+        b"GET /api/v1/examples HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-me-42\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    assert!(server.terminate(Duration::from_secs(30)).success());
+    let lines: Vec<serde_json::Value> = server
+        .log
+        .try_iter()
+        .map(|line| serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}")))
+        .collect();
+    let done = lines
+        .iter()
+        .find(|l| l["message"] == "request done" && l["span"]["request_id"] == "trace-me-42")
+        .unwrap_or_else(|| panic!("no request line with the request ID: {lines:#?}"));
+    assert_eq!(done["status"], 200);
+    assert_eq!(done["span"]["method"], "GET");
+    assert_eq!(done["span"]["path"], "/api/v1/examples");
+    assert!(done["total_ms"].as_f64().is_some(), "{done}");
+    assert_eq!(done["level"], "INFO");
+}

@@ -102,6 +102,24 @@ async fn pages_on_other_origins_cannot_post_unless_allowed() {
 }
 
 #[tokio::test]
+async fn every_answer_carries_a_request_id_and_errors_repeat_it() {
+    let app = app(failed_engine().await);
+    let given = Request::get("/nope").header("x-request-id", "client-7").body(Body::empty()).unwrap();
+    let reply = send(&app, given).await;
+    assert_eq!(reply.header("x-request-id"), "client-7");
+    assert_eq!(reply.json()["error"]["request_id"], "client-7");
+    assert_eq!(reply.error_code(), "not_found");
+    // Without one (or with one we will not echo), the server makes a UUID.
+    let spaced = Request::get("/api/v1/examples").header("x-request-id", "two words").body(Body::empty()).unwrap();
+    let reply = send(&app, spaced).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-request-id").len(), 36, "{}", reply.header("x-request-id"));
+    let reply = get(&app, "/static/nope.css").await;
+    let id = reply.header("x-request-id").to_owned();
+    assert_eq!(reply.json()["error"]["request_id"], id.as_str());
+}
+
+#[tokio::test]
 async fn the_page_is_sent_with_security_headers() {
     let app = app(failed_engine().await);
     let reply = get(&app, "/").await;

@@ -59,7 +59,7 @@ pub async fn disparity(
     // connection after reading the rest of the body away, so the client reads them.
     state.engine.check_capacity()?;
     let declared = declared_upload_bytes(request.headers(), state.limits.max_upload_bytes);
-    let _receiving = state.uploads.try_admit(declared).ok_or_else(|| state.uploads.full())?;
+    let receiving = state.uploads.try_admit(declared).ok_or_else(|| state.uploads.full())?;
     let upload = read_pair(request, state.limits.max_upload_bytes, state.limits.upload_timeout).await?;
     let calibration = upload.calibration.as_deref().map(parse_calibration).transpose()?;
     if let (Some(name), None) = (params.format.needs_calibration(), &calibration) {
@@ -68,6 +68,8 @@ pub async fn disparity(
 
     let decode_started = Instant::now();
     let inputs = prepare_inputs(upload, calibration, &params, state.limits.max_pixels, &state.uploads).await?;
+    // The upload's bytes are gone once decoded; the queue bounds the decoded pairs from here.
+    drop(receiving);
     let decode = decode_started.elapsed();
     let (width, height) = inputs.pair.dimensions();
     tracing::Span::current().record("size", format!("{width}x{height}"));

@@ -227,8 +227,11 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(code = self.code(), detail = %self, "request refused");
         }
-        let body = json!({ "error": { "code": self.code(), "message": self.public_message() } });
+        let (code, message) = (self.code(), self.public_message());
+        let body = json!({ "error": { "code": code, "message": message } });
         let mut response = (status, Json(body)).into_response();
+        // The request-ID middleware rewrites the body with the ID added.
+        response.extensions_mut().insert(super::request_id::ErrorBody { code: code.into(), message });
         if let Some(seconds) = self.retry_after() {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

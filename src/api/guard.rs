@@ -197,6 +197,7 @@ pub async fn json_error_bodies(request: Request, next: Next) -> Response {
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let body = json!({ "error": { "code": code, "message": message } }).to_string();
+    parts.extensions.insert(super::request_id::ErrorBody { code, message });
     Response::from_parts(parts, Body::from(body))
 }
 

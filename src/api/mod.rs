@@ -14,6 +14,7 @@ pub mod disparity;
 pub mod error;
 pub mod guard;
 mod info;
+pub mod request_id;
 pub use info::{list_examples as examples_in, Example};
 pub mod upload;
 
@@ -103,6 +104,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(crate::server::close_after_unread_body))
         .layer(middleware::from_fn(guard::security_headers))
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn(request_id::assign))
         .with_state(state)
 }
 
@@ -119,8 +121,10 @@ async fn method_not_allowed(request: Request) -> ApiError {
 async fn log_request(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     request.extensions_mut().insert(RequestStart(started));
+    let id = request.extensions().get::<request_id::RequestId>().map(|r| r.0.clone()).unwrap_or_default();
     let span = tracing::info_span!(
         "request",
+        request_id = %id,
         method = %request.method(),
         path = %request.uri().path(),
         size = tracing::field::Empty,
