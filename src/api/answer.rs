@@ -184,11 +184,15 @@ pub fn encode_answer(context: &AnswerContext, map: &DisparityMap) -> Answer {
     let depth = reconstruction
         .filter(|_| context.format.carries_depth())
         .map(|r| depth_map(map, &r.rectification.camera, r.max_depth));
+    // One pass over the map for its statistics, shared with the colour PNG's range.
+    let stats = map.stats();
     let file = |bytes, content_type, file_name| EncodedAnswer::File { bytes, content_type, file_name };
     let body = match context.format {
-        OutputFormat::Json => encode_json(map, context.include_pfm, truth, reconstruction, depth.as_ref()),
+        OutputFormat::Json => encode_json(map, &stats, context.include_pfm, truth, reconstruction, depth.as_ref()),
         OutputFormat::Png16 => file(kitti::encode_png16(map), "image/png", "disparity_kitti16.png"),
-        OutputFormat::Color => file(colormap::color_png(map), "image/png", "disparity_color.png"),
+        OutputFormat::Color => {
+            file(colormap::color_png_between(map, stats.min, stats.max), "image/png", "disparity_color.png")
+        }
         OutputFormat::Pfm => file(pfm::encode(map), "application/x-portable-floatmap", "disparity.pfm"),
         // The handler refuses these formats without a calibration before inference.
         OutputFormat::Depth => {
@@ -206,7 +210,7 @@ pub fn encode_answer(context: &AnswerContext, map: &DisparityMap) -> Answer {
     };
     Answer {
         body,
-        stats: map.stats(),
+        stats,
         evaluation: truth.map(|truth| evaluate(map, truth, crate::eval::DEFAULT_MAXDISP)),
         depth_units: reconstruction.map(|r| r.rectification.camera.units.symbol()),
     }
@@ -218,13 +222,14 @@ type ImageJob<'a> = (&'static str, Box<dyn FnOnce() -> Vec<u8> + Send + 'a>);
 /// The JSON answer up to and including its `images` object.
 fn encode_json(
     map: &DisparityMap,
+    stats: &DisparityStats,
     include_pfm: bool,
     truth: Option<&DisparityMap>,
     reconstruction: Option<&Reconstruction>,
     depth: Option<&DepthMap>,
 ) -> EncodedAnswer {
     let mut jobs: Vec<ImageJob> = vec![
-        ("color_png", Box::new(|| colormap::color_png(map))),
+        ("color_png", Box::new(|| colormap::color_png_between(map, stats.min, stats.max))),
         ("kitti_png16", Box::new(|| kitti::encode_png16(map))),
     ];
     if include_pfm {

@@ -150,7 +150,13 @@ pub fn colorize(map: &DisparityMap, lo: f32, hi: f32) -> RgbImage {
 /// Colour PNG of `map`, scaled from its own minimum to its maximum.
 pub fn color_png(map: &DisparityMap) -> Vec<u8> {
     let stats = map.stats();
-    let image = colorize(map, stats.min, stats.max);
+    color_png_between(map, stats.min, stats.max)
+}
+
+/// Colour PNG of `map` scaled from `lo` to `hi`, for callers that already
+/// have the map's range (the server computes its statistics once per answer).
+pub fn color_png_between(map: &DisparityMap, lo: f32, hi: f32) -> Vec<u8> {
+    let image = colorize(map, lo, hi);
     super::png_bytes(image.as_raw(), map.width(), map.height(), ExtendedColorType::Rgb8)
 }
 
