@@ -71,6 +71,7 @@ impl Config {
             idle_timeout: secs(self.idle_timeout_secs.max(1)),
             write_timeout: secs(self.write_timeout_secs.max(1)),
             shutdown_timeout: secs(self.shutdown_timeout_secs),
+            max_body_bytes: self.max_upload_bytes as u64,
         }
     }
 }

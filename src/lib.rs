@@ -52,6 +52,8 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (limits, stats) = (state.connections, state.connection_stats.clone());
+    // The body limit the connection layer watches chunk sizes against is the upload limit.
+    let limits = server::ConnectionLimits { max_body_bytes: state.limits.max_upload_bytes as u64, ..state.connections };
+    let stats = state.connection_stats.clone();
     server::serve_connections(listener, router(state), limits, stats, shutdown).await
 }

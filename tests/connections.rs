@@ -323,6 +323,36 @@ async fn transfer_codings_other_than_chunked_get_501() {
     server.shutdown().await;
 }
 
+/// A chunk line declaring more than the body limit is answered 413 at once,
+/// not after the upload timeout (the body never comes); chunked bodies within
+/// the limit, several on one connection, are read as before.
+#[tokio::test]
+async fn an_absurd_chunk_size_is_refused_at_once() {
+    let server = start_with(state(ready_engine(2).await, DEFAULT_LIMITS)).await;
+    let head = "POST /api/v1/disparity HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for body in ["ffffffffff\r\n", "5\r\n{\"a\":\r\n1000000\r\n"] {
+        let started = Instant::now();
+        let (status, answer) = request(server.address, format!("{head}{body}").as_bytes()).await;
+        assert_eq!(status, 413, "{answer}");
+        assert!(
+            answer.contains("body_too_large") && answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    }
+    // Two chunked requests within the limit on one connection: each gets its own answer.
+    let small = format!("{head}2\r\n{{}}\r\n0\r\n\r\n");
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    stream.write_all(small.repeat(2).as_bytes()).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(stream);
+    for _ in 0..2 {
+        let (status, _, body) = read_http_response(&mut reader).await;
+        assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+        assert!(String::from_utf8_lossy(&body).contains("missing_field"));
+    }
+    server.shutdown().await;
+}
+
 /// Reads one response head and its Content-Length body.
 async fn read_http_response<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> (u16, String, Vec<u8>) {
     use tokio::io::AsyncBufReadExt;

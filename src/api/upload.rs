@@ -22,6 +22,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::error::{echo, ApiError, FieldName};
+use crate::server::ConnectionHandle;
 
 /// The raw bytes of both images, as uploaded, and optional ground truth.
 #[derive(Debug)]
@@ -46,6 +47,16 @@ pub async fn read_pair(request: Request, limit: usize, timeout: Duration) -> Res
 }
 
 async fn read_pair_untimed(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
+    // A chunked body whose chunk lines declare more than the limit fails as soon
+    // as the connection layer sees them; whatever error that surfaces as, it is a 413.
+    let connection = request.extensions().get::<ConnectionHandle>().cloned();
+    match read_body(request, limit).await {
+        Err(_) if connection.is_some_and(|c| c.declared_oversize().is_some()) => Err(ApiError::BodyTooLarge { limit }),
+        read => read,
+    }
+}
+
+async fn read_body(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
     let content_type =
         request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     // A declared length over the limit is refused before reading anything.

@@ -24,7 +24,13 @@
 //!   close at once, requests in flight get until the drain deadline, and what
 //!   was cut is logged.
 //!
+//! - Declared body sizes ([`chunk_watch`]): a chunked body whose chunk-size
+//!   lines declare more than [`ConnectionLimits::max_body_bytes`] fails its
+//!   request at once (413), without waiting for data that may never come.
+//!
 //! Only HTTP/1.1 is served (what every client of this API speaks).
+
+pub mod chunk_watch;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -65,6 +71,9 @@ pub struct ConnectionLimits {
     pub write_timeout: Duration,
     /// After the shutdown signal, how long requests in flight may take to finish.
     pub shutdown_timeout: Duration,
+    /// Largest request body; a chunked body declaring more fails at once
+    /// ([`crate::serve`] sets it to the upload limit).
+    pub max_body_bytes: u64,
 }
 
 impl Default for ConnectionLimits {
@@ -75,6 +84,7 @@ impl Default for ConnectionLimits {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(25),
+            max_body_bytes: 64 << 20,
         }
     }
 }
@@ -97,6 +107,11 @@ pub struct ConnectionState {
     /// The task waiting to read, woken when the last request ends so that the
     /// idle timer starts even though no byte arrives.
     reader: Mutex<Option<std::task::Waker>>,
+    /// What the chunked body being received declared, once over the body
+    /// limit (0: not over).
+    declared_oversize: AtomicU64,
+    /// The request body being read, woken when its declared size goes over.
+    body_reader: Mutex<Option<std::task::Waker>>,
 }
 
 impl ConnectionState {
@@ -108,6 +123,19 @@ impl ConnectionState {
 /// Put in each request's extensions, for the middleware that marks early answers.
 #[derive(Debug, Clone)]
 pub struct ConnectionHandle(Arc<ConnectionState>);
+
+impl ConnectionHandle {
+    /// The size the chunked body being received declared, when it is over the
+    /// body limit: a body read that failed for this should be answered 413.
+    pub fn declared_oversize(&self) -> Option<u64> {
+        Some(self.0.declared_oversize.load(Ordering::Acquire)).filter(|&n| n > 0)
+    }
+}
+
+/// The error a request body fails with once its chunks declare more than the body limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the chunked body declares {0} bytes, over the body limit")]
+pub struct DeclaredBodyTooLarge(pub u64);
 
 /// Counts a request as being handled while it lives.
 struct BusyGuard(Arc<ConnectionState>);
@@ -152,6 +180,8 @@ pub struct TimedStream {
     in_request: bool,
     write_stalled: bool,
     write_sleep: Pin<Box<Sleep>>,
+    /// Follows the request framing for chunk sizes over the body limit.
+    chunks: chunk_watch::ChunkWatch,
 }
 
 impl TimedStream {
@@ -176,6 +206,7 @@ impl TimedStream {
             in_request: false,
             write_stalled: false,
             write_sleep: Box::pin(tokio::time::sleep(limits.write_timeout)),
+            chunks: chunk_watch::ChunkWatch::new(limits.max_body_bytes),
         }
     }
 
@@ -214,6 +245,12 @@ impl AsyncRead for TimedStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
+                if let Some(declared) = this.chunks.feed(&buf.filled()[before..]) {
+                    this.state.declared_oversize.store(declared, Ordering::Release);
+                    if let Some(body) = this.state.body_reader.lock().ok().and_then(|mut b| b.take()) {
+                        body.wake();
+                    }
+                }
                 if buf.filled().len() > before && this.read_deadline.is_some() && !this.head_begun {
                     this.head_begun = true;
                     // A later request's head gets the header timeout from its first
@@ -327,7 +364,11 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
             // The request counts as in progress until its answer's body is sent
             // (or dropped): a download is as much in flight as an inference.
             let response = router.oneshot(request).await;
-            response.map(|r| r.map(|body| Body::new(WatchedBody { inner: body, finished: None, _busy: Some(guard) })))
+            response.map(|r| {
+                r.map(|body| {
+                    Body::new(WatchedBody { inner: body, finished: None, connection: None, _busy: Some(guard) })
+                })
+            })
         })
     }
 }
@@ -338,6 +379,8 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
 struct WatchedBody {
     inner: Body,
     finished: Option<Arc<AtomicBool>>,
+    /// A request body: its connection, which says when the body declared too much.
+    connection: Option<Arc<ConnectionState>>,
     _busy: Option<BusyGuard>,
 }
 
@@ -349,7 +392,23 @@ impl http_body::Body for WatchedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(state) = &self.connection {
+            let declared = state.declared_oversize.load(Ordering::Acquire);
+            if declared > 0 {
+                return Poll::Ready(Some(Err(axum::Error::new(DeclaredBodyTooLarge(declared)))));
+            }
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Poll::Pending, Some(state)) = (&polled, &self.connection) {
+            if let Ok(mut reader) = state.body_reader.lock() {
+                *reader = Some(cx.waker().clone());
+            }
+            // The connection task may have seen the chunk line while we registered.
+            let declared = state.declared_oversize.load(Ordering::Acquire);
+            if declared > 0 {
+                return Poll::Ready(Some(Err(axum::Error::new(DeclaredBodyTooLarge(declared)))));
+            }
+        }
         if let Some(finished) = &self.finished {
             if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
                 finished.store(true, Ordering::Release);
@@ -374,7 +433,9 @@ pub async fn close_after_unread_body(request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
     let connection = parts.extensions.get::<ConnectionHandle>().cloned();
-    let body = Body::new(WatchedBody { inner: body, finished: Some(finished.clone()), _busy: None });
+    let watched = connection.as_ref().map(|ConnectionHandle(state)| state.clone());
+    let body =
+        Body::new(WatchedBody { inner: body, finished: Some(finished.clone()), connection: watched, _busy: None });
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if !finished.load(Ordering::Acquire) {
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
