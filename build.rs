@@ -9,6 +9,10 @@
 //!    still wins: on the GPU machines and in the Docker image the libraries live
 //!    elsewhere), so a binary built here runs without any environment set-up.
 //! 3. Expose the libtorch version string to the code for `/api/v1/model`.
+//! 4. Compile `src/engine/cuda_stats.cpp`, which reads the CUDA caching
+//!    allocator's statistics (C++ only, not in tch), when libtorch has CUDA and
+//!    the CUDA runtime headers sit beside it; the code then sees the cfg
+//!    `stereo_recon_cuda_stats`.
 
 use std::env;
 use std::fs;
@@ -16,6 +20,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo::rustc-check-cfg=cfg(stereo_recon_cuda_stats)");
     if env::var_os("CARGO_FEATURE_ENGINE").is_none() {
         return; // the pure core links no libtorch
     }
@@ -29,6 +34,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
         println!("cargo:rustc-env=STEREO_RECON_LINKED_CUDA=1");
+        compile_cuda_stats(&lib);
     } else {
         println!("cargo:rustc-env=STEREO_RECON_LINKED_CUDA=0");
     }
@@ -45,4 +51,35 @@ fn main() {
         .or_else(|| fs::read_to_string(root.join("build-version")).ok().map(|v| v.trim().to_owned()))
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=STEREO_RECON_LIBTORCH_VERSION={version}");
+}
+
+/// Builds the allocator-statistics shim against the headers of the libtorch in
+/// `lib/..` and the CUDA runtime headers of the wheel's `nvidia` packages.
+fn compile_cuda_stats(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/engine/cuda_stats.cpp");
+    let torch = lib.parent().expect("libtorch lib folder has a parent");
+    let include = torch.join("include");
+    // A complete set of CUDA runtime headers from the wheel's dependencies:
+    // nvidia/<package>/include (complete in some CUDA versions) or triton's copy.
+    let site_packages = torch.parent().map(PathBuf::from).unwrap_or_default();
+    let nvidia =
+        fs::read_dir(site_packages.join("nvidia")).into_iter().flatten().flatten().map(|e| e.path().join("include"));
+    let cuda_include = nvidia
+        .chain(std::iter::once(site_packages.join("triton/backends/nvidia/include")))
+        .find(|p| p.join("cuda_runtime_api.h").is_file() && p.join("crt/host_config.h").is_file());
+    let (Some(cuda_include), true) = (cuda_include, include.join("c10/cuda/CUDACachingAllocator.h").is_file()) else {
+        println!("cargo:warning=CUDA runtime headers not found beside libtorch: /metrics will not report CUDA allocator memory");
+        return;
+    };
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("src/engine/cuda_stats.cpp")
+        .include(&include)
+        .include(&cuda_include)
+        .warnings(false)
+        .compile("stereo_recon_cuda_stats");
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=stereo_recon_cuda_stats");
 }

@@ -38,6 +38,7 @@ pub async fn serve(config: Config) -> ExitCode {
         origins: crate::api::guard::OriginPolicy { allowed: config.cors_allow_origin.clone() },
         connections: config.connection_limits(),
         connection_stats: Default::default(),
+        metrics: Default::default(),
     };
     let address = SocketAddr::new(config.host, config.port);
     let listener = match TcpListener::bind(address).await {

@@ -24,8 +24,6 @@ pub mod disparity;
 pub mod engine;
 pub mod eval;
 pub mod geometry;
-#[cfg(feature = "engine")]
-mod page;
 pub mod preprocess;
 pub mod reconstruct;
 pub mod rectify;

@@ -8,12 +8,18 @@
 //! | `GET /api/v1/model` | what model runs where, and the input constraints |
 //! | `GET /api/v1/examples` | sample pairs shipped in `data/` |
 //! | `GET /static/*`, `GET /data/*` | page assets, sample images |
+//! | `GET /metrics` | Prometheus metrics ([`metrics`]) |
+//!
+//! The page lives here too ([`page`]): it is one more route over the same
+//! state, so the dependency runs one way, from this module to the engine.
 
 pub mod answer;
 pub mod disparity;
 pub mod error;
 pub mod guard;
 mod info;
+pub mod metrics;
+mod page;
 pub mod request_id;
 pub use info::{list_examples as examples_in, Example};
 pub mod upload;
@@ -62,6 +68,8 @@ pub struct AppState {
     pub connections: ConnectionLimits,
     /// What the connection layer has done (accepted, evicted, timed out...).
     pub connection_stats: Arc<ConnectionStats>,
+    /// The Prometheus series of `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -89,13 +97,15 @@ pub fn router(state: AppState) -> Router {
     // the exact limit, this only stops axum's own default (2 MB) from applying.
     let body_limit = DefaultBodyLimit::max(state.limits.max_upload_bytes);
     Router::new()
-        .route("/", get(crate::page::index))
+        .route("/", get(page::index))
         .route("/api/v1/disparity", post(disparity::disparity).layer(body_limit))
         .route("/api/v1/health", get(info::health))
         .route("/api/v1/model", get(info::model))
         .route("/api/v1/examples", get(info::examples))
         .nest_service("/static", static_files)
         .nest_service("/data", data_files)
+        .route("/metrics", get(metrics::metrics))
+        .route_layer(middleware::from_fn(metrics::mark_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(guard::json_error_bodies))
@@ -104,6 +114,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(crate::server::close_after_unread_body))
         .layer(middleware::from_fn(guard::security_headers))
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(middleware::from_fn(request_id::assign))
         .with_state(state)
 }

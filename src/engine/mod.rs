@@ -13,6 +13,7 @@
 //! This module knows nothing of HTTP: the API layer maps [`EngineError`] to
 //! status codes.
 
+pub mod cuda_stats;
 mod model;
 pub mod tensors;
 
@@ -175,6 +176,21 @@ struct Counters {
     completed: AtomicU64,
     failed: AtomicU64,
     abandoned: AtomicU64,
+    /// The CUDA allocator's figures after the last job, when on CUDA
+    /// (`u64::MAX`: not known).
+    cuda_allocated: AtomicU64,
+    cuda_peak: AtomicU64,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        Counters { cuda_allocated: AtomicU64::new(u64::MAX), cuda_peak: AtomicU64::new(u64::MAX), ..Default::default() }
+    }
+
+    fn record_cuda_memory(&self, memory: cuda_stats::CudaMemory) {
+        self.cuda_allocated.store(memory.allocated_bytes, Ordering::Relaxed);
+        self.cuda_peak.store(memory.peak_allocated_bytes, Ordering::Relaxed);
+    }
 }
 
 /// The engine's speed and its running job, for an honest `Retry-After`: when
@@ -286,7 +302,7 @@ impl Engine {
         // admitted jobs plus abandoned (empty) ones the engine has not yet skipped.
         let (jobs, receiver) = mpsc::channel(4 * (queue_depth + 1));
         let (status_tx, status) = watch::channel(EngineStatus::Loading);
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::new());
         let pace = Arc::new(Pace::default());
         let shared = model::EngineShared { counters: counters.clone(), pace: pace.clone() };
         std::thread::Builder::new()
@@ -365,6 +381,14 @@ impl Engine {
             failed: self.counters.failed.load(Ordering::Relaxed),
             abandoned: self.counters.abandoned.load(Ordering::Relaxed),
         }
+    }
+
+    /// The CUDA allocator's tensor memory as of the last job (or the warm-up);
+    /// `None` on CPU or where this build cannot read it. Never calls into CUDA.
+    pub fn cuda_memory(&self) -> Option<cuda_stats::CudaMemory> {
+        let allocated_bytes = self.counters.cuda_allocated.load(Ordering::Relaxed);
+        let peak_allocated_bytes = self.counters.cuda_peak.load(Ordering::Relaxed);
+        (allocated_bytes != u64::MAX).then_some(cuda_stats::CudaMemory { allocated_bytes, peak_allocated_bytes })
     }
 
     /// Seconds until a place frees: what is left of the running job.

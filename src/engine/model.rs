@@ -433,6 +433,16 @@ pub(super) struct EngineShared {
 }
 
 impl StereoModel {
+    /// Publishes the CUDA allocator's figures for `/metrics` (a cheap read of
+    /// its counters, done here so that scraping never touches CUDA).
+    fn record_cuda_memory(&self, shared: &EngineShared) {
+        if let Device::Cuda(index) = self.device {
+            if let Some(memory) = super::cuda_stats::read(index) {
+                shared.counters.record_cuda_memory(memory);
+            }
+        }
+    }
+
     /// `predict`, or the failure a test armed for this inference.
     fn predict_or_fault(&self, pair: &StereoPair, faults: Option<&FaultInjector>) -> Result<DisparityMap, EngineError> {
         match faults.and_then(FaultInjector::next) {
@@ -501,6 +511,7 @@ pub(super) fn run_engine(
         status.send_replace(EngineStatus::Failed(why));
         return;
     }
+    model.record_cuda_memory(&shared);
     status.send_replace(EngineStatus::Ready(Arc::new(model.info.clone())));
 
     let counters = &shared.counters;
@@ -534,6 +545,7 @@ pub(super) fn run_engine(
             }
         }
         shared.pace.finish();
+        model.record_cuda_memory(&shared);
         // The receiver may have gone while we ran; nothing to do then.
         let _ = job.reply.send(result.map(|disparity| Prediction { disparity, queue, inference }));
     }

@@ -71,6 +71,7 @@ pub fn state(engine: Engine, limits: Limits) -> AppState {
         origins: Default::default(),
         connections: Default::default(),
         connection_stats: Default::default(),
+        metrics: Default::default(),
     }
 }
 

@@ -8,7 +8,7 @@ use askama::Template;
 use axum::extract::State;
 use axum::response::{Html, IntoResponse, Response};
 
-use crate::api::{ApiError, AppState};
+use super::{ApiError, AppState};
 
 #[derive(Template)]
 #[template(path = "index.html")]
@@ -26,7 +26,7 @@ pub async fn index(State(state): State<AppState>) -> Response {
         max_upload_mb: format!("{:.0}", state.limits.max_upload_bytes as f64 / (1024.0 * 1024.0)),
         max_pixels: state.limits.max_pixels,
         max_megapixels: format!("{:.1}", state.limits.max_pixels as f64 / 1e6),
-        has_examples: !crate::api::examples_in(&state.data_dir).is_empty(),
+        has_examples: !super::examples_in(&state.data_dir).is_empty(),
     };
     match page.render() {
         Ok(html) => Html(html).into_response(),
