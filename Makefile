@@ -30,7 +30,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps load fuzz fuzz-calibration bench bench-request flood tools lint-docker bundle image
+	browser-deps load fuzz fuzz-calibration bench bench-request flood tools clients lint-docker bundle image
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -46,7 +46,7 @@ help:
 run: model release
 	./target/release/stereo-recon serve $(ARGS)
 
-test: model parity-fixtures browser-deps tools
+test: model parity-fixtures browser-deps tools clients
 	hadolint Dockerfile
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
@@ -83,6 +83,15 @@ tools: $(VENV)/.tools
 $(VENV)/.tools: Makefile | $(VENV)/.installed
 	$(PYTHON) -m pip install --quiet $(TOOLS)
 	echo "$(TOOLS)" > $@
+
+# Third-party clients the tests drive the server with (not needed to build or run):
+# Prometheus' Python parser for /metrics, the OpenAPI validator and schemathesis.
+CLIENTS := prometheus-client==0.26.0 openapi-spec-validator==0.9.0 schemathesis==4.32.5
+clients: $(VENV)/.clients
+
+$(VENV)/.clients: Makefile | $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet $(CLIENTS)
+	echo "$(CLIENTS)" > $@
 
 lint-docker: tools
 	hadolint Dockerfile

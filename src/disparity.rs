@@ -15,6 +15,7 @@ pub struct DisparityMap {
 
 /// Summary statistics of a map, over its finite values.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[cfg_attr(feature = "engine", derive(utoipa::ToSchema))]
 pub struct DisparityStats {
     pub min: f32,
     pub max: f32,

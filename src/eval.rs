@@ -24,6 +24,8 @@ pub const DEFAULT_MAXDISP: f32 = 192.0;
 
 /// Error statistics of one prediction (or of several, pooled pixel by pixel).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[cfg_attr(feature = "engine", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "engine", schema(as = Evaluation))]
 pub struct Metrics {
     /// Mean absolute error, px.
     pub epe: f64,

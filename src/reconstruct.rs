@@ -45,6 +45,7 @@ pub struct DepthMap {
 
 /// What a client sees of a depth map.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[cfg_attr(feature = "engine", derive(utoipa::ToSchema))]
 pub struct DepthStats {
     pub units: &'static str,
     pub min: f64,

@@ -19,6 +19,7 @@ use crate::geometry::{self, Mat3};
 
 /// The rectified left camera, which is what depth and points are computed in.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[cfg_attr(feature = "engine", derive(utoipa::ToSchema))]
 pub struct StereoCamera {
     /// Focal lengths in pixels (equal after Bouguet rectification).
     pub fx: f64,

@@ -347,6 +347,23 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         browser.screenshot("depth.png");
         browser.script("document.getElementById('cloud-figure').scrollIntoView();");
         browser.screenshot("point-cloud.png");
+
+        // The API docs: Swagger UI renders our document, with every asset from this server.
+        browser.goto(&format!("http://{address}/docs"));
+        browser.wait_for(
+            "the operations of the API docs",
+            "return document.querySelectorAll('.opblock').length >= 9;",
+            Duration::from_secs(30),
+        );
+        let title = browser.text(".info .title");
+        assert!(title.starts_with("stereo-recon"), "{title}");
+        let foreign = browser.script(&format!(
+            "return performance.getEntriesByType('resource').map(e => e.name).filter(u => !u.startsWith('http://{address}/'));"
+        ));
+        assert_eq!(foreign, json!([]), "fetched from elsewhere");
+        browser.click("#operations-disparity-disparity button.opblock-summary-control");
+        browser.wait_for("the operation to open", "return document.querySelector('.try-out__btn') !== null;", Duration::from_secs(10));
+        browser.screenshot("api-docs.png");
         (result_shot, error_shot)
     })
     .await

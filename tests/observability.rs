@@ -143,3 +143,164 @@ async fn metrics_count_served_refused_and_failed_requests_and_parse_as_prometheu
     // A CPU server has no CUDA allocator series at all (not zeros that look like data).
     assert!(!samples.iter().any(|s| s.name.starts_with("stereo_recon_cuda")));
 }
+
+/// Runs a venv tool (installed by `make test`'s set-up) and returns its status and output.
+async fn venv_tool(tool: &str, args: &[&str]) -> (bool, String) {
+    let venv =
+        std::env::var("VIRTUAL_ENV").expect("run under `make test`, which sets VIRTUAL_ENV to the set-up's venv");
+    let output = tokio::process::Command::new(format!("{venv}/bin/{tool}"))
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{tool} runs: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// The real server on 127.0.0.1:0 with the model; its address and a stop switch.
+async fn serve_for_clients() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let state = state(ready_engine(4).await, DEFAULT_LIMITS);
+    tokio::spawn(stereo_recon::serve(listener, state, async move {
+        let _ = stopped.await;
+    }));
+    (address, stop)
+}
+
+/// The OpenAPI document is valid OpenAPI 3.1 (openapi-spec-validator), and
+/// schemathesis, driving every operation of the live server with generated
+/// and example requests, finds no 5xx and no answer that departs from it.
+#[tokio::test]
+async fn the_openapi_document_is_valid_and_the_live_server_keeps_to_it() {
+    let (address, stop) = serve_for_clients().await;
+    let url = format!("http://{address}/api/v1/openapi.json");
+    let document = reqwest_get(&url).await;
+    let doc: serde_json::Value = serde_json::from_str(&document).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in
+        ["/api/v1/disparity", "/api/v1/health", "/api/v1/model", "/api/v1/examples", "/metrics", "/api/v1/openapi.json"]
+    {
+        assert!(doc["paths"][path].is_object(), "{path} is not documented");
+    }
+    let file = std::env::temp_dir().join(format!("stereo-recon-openapi-{}.json", std::process::id()));
+    std::fs::write(&file, &document).unwrap();
+    let (valid, said) = venv_tool("openapi-spec-validator", &[file.to_str().unwrap()]).await;
+    assert!(valid, "openapi-spec-validator: {said}");
+    let _ = std::fs::remove_file(&file);
+
+    let config = repo().join("tests/schemathesis/schemathesis.toml");
+    let (passed, report) = venv_tool(
+        "st",
+        &[
+            "--config-file",
+            config.to_str().unwrap(),
+            "run",
+            &url,
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--workers",
+            "2",
+            "--request-timeout",
+            "60",
+        ],
+    )
+    .await;
+    assert!(passed, "schemathesis found problems:\n{report}");
+    assert!(report.contains("8 passed") || report.contains("generated"), "{report}");
+    let _ = stop.send(());
+}
+
+/// A plain GET over TCP (the test crate has no HTTP client; this is all it needs).
+async fn reqwest_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8(answer).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// A real JSON answer carrying every kind of image and block (PFMs, error map,
+/// depth, evaluation, reconstruction) validates against the document's
+/// `DisparityAnswer` schema, checked by the `jsonschema` package (draft 2020-12,
+/// the dialect of OpenAPI 3.1), so the hand-written JSON stays what the
+/// document says.
+#[tokio::test]
+async fn a_full_json_answer_matches_its_schema() {
+    let app = app(ready_engine(1).await);
+    let dir = repo().join("data/synthetic");
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let (left, right, truth, calibration) =
+        (read("left.png"), read("right.png"), read("disp_gt.pfm"), read("calib.json"));
+    let fields: [(&str, &[u8]); 4] =
+        [("left", &left), ("right", &right), ("ground_truth", &truth), ("calibration", &calibration)];
+    let reply = send(&app, multipart_request("/api/v1/disparity?format=json&include_pfm=true", &fields)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+    let answer = reply.json();
+    for key in ["pfm", "error_png", "depth_color_png", "depth_pfm"] {
+        assert!(answer["images"][key].is_string(), "{key} missing: the check would not cover it");
+    }
+    assert!(answer["evaluation"].is_object() && answer["reconstruction"].is_object());
+
+    let document = get(&app, "/api/v1/openapi.json").await;
+    let script = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+document, answer = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+registry = Registry().with_resource("urn:doc", Resource.from_contents(document, default_specification=DRAFT202012))
+validator = Draft202012Validator({"$ref": "urn:doc#/components/schemas/DisparityAnswer"}, registry=registry)
+errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(answer)]
+print("\n".join(errors[:20]) or "valid")
+# The schema is closed: an image key it does not list is an error.
+answer["images"]["surprise_png"] = "AAAA"
+print("closed" if not validator.is_valid(answer) else "open")
+"#;
+    let temp = std::env::temp_dir();
+    let doc_file = temp.join(format!("stereo-recon-doc-{}.json", std::process::id()));
+    let answer_file = temp.join(format!("stereo-recon-answer-{}.json", std::process::id()));
+    std::fs::write(&doc_file, &document.body).unwrap();
+    std::fs::write(&answer_file, &reply.body).unwrap();
+    let output = std::process::Command::new(python())
+        .args(["-c", script, doc_file.to_str().unwrap(), answer_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = (std::fs::remove_file(&doc_file), std::fs::remove_file(&answer_file));
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(said.trim(), "valid\nclosed", "stderr: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// `/docs` is Swagger UI served by us, pointed at our document, with nothing
+/// fetched from elsewhere (the browser test renders it).
+#[tokio::test]
+async fn the_docs_page_is_served_from_here() {
+    let app = app(failed_engine().await);
+    let redirect = get(&app, "/docs").await;
+    assert!(redirect.status.is_redirection(), "{:?}", redirect.status);
+    let page = get(&app, "/docs/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let html = String::from_utf8_lossy(&page.body).into_owned();
+    assert!(html.contains("swagger-ui-bundle.js"), "{html}");
+    let initializer = get(&app, "/docs/swagger-initializer.js").await;
+    let script = String::from_utf8_lossy(&initializer.body).into_owned();
+    assert!(script.contains("/api/v1/openapi.json"), "{script}");
+    for asset in ["/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"] {
+        let reply = get(&app, asset).await;
+        assert_eq!(reply.status, StatusCode::OK, "{asset}");
+        assert!(reply.body.len() > 10_000, "{asset} is the real asset");
+    }
+    for text in [&html, &script] {
+        assert!(!text.contains("https://") && !text.contains("//cdn"), "an external URL: {text}");
+    }
+}

@@ -25,7 +25,7 @@ use crate::reconstruct::{depth_map, encode_ply, DepthMap, DepthStats};
 use crate::rectify::{Rectification, StereoCamera};
 
 /// What the client wants back.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     /// JSON with statistics, timings and base64 PNGs.
@@ -63,7 +63,7 @@ impl OutputFormat {
 }
 
 /// Where the time of one request went, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct Timings {
     pub decode_ms: f64,
     pub queue_ms: f64,
@@ -102,7 +102,7 @@ pub struct AnswerContext {
 }
 
 /// The 3-D part of a JSON answer.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ReconstructionSummary {
     calibration_format: CalibrationFormat,
     /// Whether the server resampled the images onto rectified cameras (the
@@ -111,22 +111,28 @@ pub struct ReconstructionSummary {
     /// The rectified left camera that depth and points are computed with.
     camera: StereoCamera,
     /// OpenCV's disparity-to-depth matrix.
+    #[schema(value_type = Vec<Vec<f64>>)]
     q: [[f64; 4]; 4],
     #[serde(skip_serializing_if = "Option::is_none")]
     rectification: Option<RectificationSummary>,
     depth: DepthStats,
 }
 
-#[derive(Serialize)]
+/// The rectification the server applied (OpenCV's R1, R2, P1, P2).
+#[derive(Serialize, utoipa::ToSchema)]
 struct RectificationSummary {
+    #[schema(value_type = Vec<Vec<f64>>)]
     r_left: Mat3,
+    #[schema(value_type = Vec<Vec<f64>>)]
     r_right: Mat3,
+    #[schema(value_type = Vec<Vec<f64>>)]
     p_left: [[f64; 4]; 3],
+    #[schema(value_type = Vec<Vec<f64>>)]
     p_right: [[f64; 4]; 3],
 }
 
 /// The JSON answer's fields besides `images` (which is written before them).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct JsonSummary<'a> {
     pub width: u32,
     pub height: u32,
@@ -140,7 +146,47 @@ pub struct JsonSummary<'a> {
     pub evaluation: Option<Metrics>,
     /// Depth and camera, when a calibration was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<ReconstructionSummary>)]
     pub reconstruction: Option<&'a ReconstructionSummary>,
+}
+
+/// The answer of `format=json`. Written in two parts for speed (the images by
+/// [`encode_answer`], the rest by [`EncodedAnswer::finish_json`]); this type
+/// describes the whole document for the OpenAPI schema.
+#[derive(Serialize, utoipa::ToSchema)]
+#[allow(dead_code)] // never built: the document is written in parts
+pub struct DisparityAnswer<'a> {
+    pub images: AnswerImages,
+    #[serde(flatten)]
+    pub summary: JsonSummary<'a>,
+}
+
+/// The files of a JSON answer, base64-encoded (standard alphabet, padded).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // describes what `encode_json` writes
+pub struct AnswerImages {
+    /// The disparity in colour (turbo, from the map's min to its max).
+    #[schema(content_encoding = "base64", content_media_type = "image/png")]
+    pub color_png: String,
+    /// KITTI 16-bit PNG: `round(d * 256)`, 0 = no value.
+    #[schema(content_encoding = "base64", content_media_type = "image/png")]
+    pub kitti_png16: String,
+    /// float32 PFM of the disparity (with `include_pfm=true`).
+    #[schema(content_encoding = "base64", content_media_type = "application/x-portable-floatmap")]
+    pub pfm: Option<String>,
+    /// Error against the ground truth, coloured (with a ground truth).
+    #[schema(content_encoding = "base64", content_media_type = "image/png")]
+    pub error_png: Option<String>,
+    /// Depth in colour (with a calibration).
+    #[schema(content_encoding = "base64", content_media_type = "image/png")]
+    pub depth_color_png: Option<String>,
+    /// float32 PFM of the depth, calibration units, +inf = none (with a calibration and `include_pfm=true`).
+    #[schema(content_encoding = "base64", content_media_type = "application/x-portable-floatmap")]
+    pub depth_pfm: Option<String>,
+    /// The left image after rectification, which the maps refer to (when the server rectified).
+    #[schema(content_encoding = "base64", content_media_type = "image/png")]
+    pub rectified_left_png: Option<String>,
 }
 
 /// An answer with its bytes made, before the total time is known.

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::answer::{
     encode_answer, Answer, AnswerContext, EncodedAnswer, JsonSummary, OutputFormat, Reconstruction, Timings,
 };
-use super::error::ApiError;
+use super::error::{ApiError, ErrorAnswer};
 use super::guard::{declared_upload_bytes, decoded_pair_bytes, UploadBudget};
 use super::upload::{read_pair, UploadedPair};
 use super::{AppState, RequestStart};
@@ -29,9 +29,13 @@ use crate::eval::decode_ground_truth;
 use crate::preprocess::PadRule;
 use crate::rectify::rectify_pair;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct OutputParams {
+    /// What to answer: `json` (statistics, timings and the images in base64),
+    /// `png16` (KITTI 16-bit PNG), `color` (turbo PNG), `pfm` (float32 PFM), or
+    /// with a calibration `depth` (PFM), `depth16` (PNG, mm) or `ply` (point cloud).
     #[serde(default)]
     format: OutputFormat,
     /// With `format=json`, also include the float PFM (base64); the page uses it
@@ -39,8 +43,10 @@ pub struct OutputParams {
     #[serde(default)]
     include_pfm: bool,
     /// Scale of an 8-bit ground-truth PNG (disparity = value / scale).
+    #[param(exclusive_minimum = 0.0)]
     gt_scale: Option<f32>,
     /// With a calibration: leave out points farther than this (calibration units).
+    #[param(exclusive_minimum = 0.0)]
     max_depth: Option<f64>,
 }
 
@@ -48,6 +54,55 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
+/// The disparity map of a stereo pair.
+///
+/// Send a rectified pair (left and right camera, same size) as
+/// `multipart/form-data` fields or as base64 strings in a JSON object, with
+/// optionally a ground-truth disparity to score against and a calibration for
+/// depth and point clouds. Disparity is in pixels of the left image: the point
+/// at (x, y) appears at (x - d, y) on the right.
+#[utoipa::path(
+    post,
+    path = "/api/v1/disparity",
+    tag = "disparity",
+    params(OutputParams),
+    request_body(
+        description = "The stereo pair, with optional ground truth and calibration.",
+        content(
+            (super::upload::PairForm = "multipart/form-data"),
+            (super::upload::PairJson = "application/json"),
+        ),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "The answer in the asked format. Files come with `Content-Disposition`; depth answers say their units in `x-depth-units`.",
+            headers(
+                ("server-timing" = String, description = "decode, queue, inference, encode and total time, ms"),
+                ("x-request-id" = String, description = "the request's ID"),
+            ),
+            content(
+                (super::answer::DisparityAnswer = "application/json"),
+                (super::BinaryFile = "image/png"),
+                (super::BinaryFile = "application/x-portable-floatmap"),
+                (super::BinaryFile = "application/octet-stream"),
+            ),
+        ),
+        (status = 400, description = "A malformed upload, image, ground truth, calibration or query (see `error.code`).", body = ErrorAnswer),
+        (status = 403, description = "`cross_origin_forbidden`: a browser page of another origin.", body = ErrorAnswer),
+        (status = 408, description = "`upload_timeout`: the body took too long.", body = ErrorAnswer),
+        (status = 413, description = "`body_too_large` or `too_many_pixels`.", body = ErrorAnswer),
+        (status = 415, description = "`unsupported_media_type` or `unsupported_image_format`.", body = ErrorAnswer),
+        (status = 500, description = "`inference_failed` or `internal_error` (logged on the server).", body = ErrorAnswer),
+        (status = 501, description = "`unsupported_transfer_coding`.", body = ErrorAnswer),
+        (
+            status = 503,
+            description = "Busy or not ready: `queue_full`, `upload_budget_full`, `model_loading`, `out_of_memory`, `engine_unavailable`, `too_many_connections`.",
+            headers(("retry-after" = u64, description = "seconds to wait before retrying (not for engine_unavailable)")),
+            body = ErrorAnswer,
+        ),
+    )
+)]
 pub async fn disparity(
     State(state): State<AppState>,
     Extension(RequestStart(started)): Extension<RequestStart>,

@@ -7,7 +7,6 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::calibration::CalibrationError;
 use crate::decode::{DecodeError, PairError};
@@ -23,6 +22,83 @@ pub fn echo(text: &str) -> String {
         Some((cut, _)) => format!("{}... ({} bytes)", &text[..cut], text.len()),
     }
 }
+
+/// Every `error.code` a client can receive, with its status and meaning: the
+/// OpenAPI document's list (a test checks each [`ApiError`] variant's code is here).
+/// Besides [`ApiError`], the connection layer answers `too_many_connections`, and
+/// errors made under the file services get a code from their status's reason.
+pub const ERROR_CODES: &[(&str, u16, &str)] = &[
+    ("missing_field", 400, "the 'left' or 'right' image is missing"),
+    ("duplicate_field", 400, "a field was sent twice"),
+    ("unexpected_field", 400, "a field other than left, right, ground_truth, calibration"),
+    ("empty_image", 400, "an image file is empty"),
+    ("invalid_image", 400, "an image is not a recognised format or cannot be decoded"),
+    ("unsupported_image_format", 415, "an image format we do not read (e.g. GIF)"),
+    ("too_many_pixels", 413, "an image (or its padded network input) is over the pixel limit"),
+    ("size_mismatch", 400, "left and right differ in size"),
+    ("invalid_ground_truth", 400, "the ground truth is not a readable PFM or PNG disparity"),
+    ("ground_truth_size_mismatch", 400, "the ground truth's size differs from the images'"),
+    ("calibration_size_mismatch", 400, "the calibration is for another image size"),
+    ("unsupported_calibration", 400, "a calibration we cannot use (e.g. vertical rig)"),
+    ("invalid_calibration", 400, "the calibration cannot be read or is inconsistent"),
+    ("calibration_required", 400, "format depth, depth16 or ply without a calibration"),
+    ("ground_truth_needs_rectified_pair", 400, "ground truth sent with a pair the server must rectify"),
+    ("invalid_base64", 400, "a JSON image field is not base64"),
+    ("invalid_json", 400, "the JSON body is malformed"),
+    ("invalid_multipart", 400, "the multipart body is malformed"),
+    ("invalid_query", 400, "an unknown or invalid query parameter"),
+    ("body_too_large", 413, "the body is over --max-upload-bytes (declared, chunked or received)"),
+    ("upload_timeout", 408, "the body did not arrive within --upload-timeout-secs"),
+    ("unsupported_media_type", 415, "a Content-Type other than multipart/form-data or application/json"),
+    ("model_loading", 503, "the model is still loading (Retry-After)"),
+    ("queue_full", 503, "every place in the inference queue is taken (Retry-After)"),
+    ("engine_unavailable", 503, "the model failed to load or the engine stopped"),
+    ("out_of_memory", 503, "the device ran out of memory for this input (Retry-After)"),
+    ("inference_failed", 500, "the inference failed; the detail is in the server log"),
+    ("upload_budget_full", 503, "the memory budget for uploads is taken (Retry-After)"),
+    ("too_many_connections", 503, "every connection is busy (sent by the connection layer, Retry-After)"),
+    ("unsupported_transfer_coding", 501, "a Transfer-Encoding other than chunked"),
+    ("cross_origin_forbidden", 403, "a browser page of another origin, not in --cors-allow-origin"),
+    ("not_found", 404, "no such route or file"),
+    ("method_not_allowed", 405, "the route exists but not for this method"),
+    ("range_not_satisfiable", 416, "a file's Range header is outside the file"),
+    ("internal_error", 500, "an unexpected server error; the detail is in the server log"),
+];
+
+/// The body of every error answer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorAnswer {
+    pub error: ErrorObject,
+}
+
+/// What went wrong, for a program (`code`) and for a person (`message`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorObject {
+    #[schema(value_type = ErrorCode)]
+    pub code: String,
+    pub message: String,
+    /// The request's ID (also in the `x-request-id` header), to match the server's log line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// The stable error codes ([`ERROR_CODES`]), as a string enum with their statuses.
+pub struct ErrorCode;
+
+impl utoipa::PartialSchema for ErrorCode {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let table: Vec<String> =
+            ERROR_CODES.iter().map(|(code, status, what)| format!("- `{code}` ({status}): {what}")).collect();
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(ERROR_CODES.iter().map(|(code, _, _)| *code)))
+            .description(Some(format!("A stable, machine-readable word:\n{}", table.join("\n"))))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ErrorCode {}
 
 /// Which upload a per-image error is about.
 pub type FieldName = &'static str;
@@ -228,7 +304,7 @@ impl IntoResponse for ApiError {
             tracing::debug!(code = self.code(), detail = %self, "request refused");
         }
         let (code, message) = (self.code(), self.public_message());
-        let body = json!({ "error": { "code": code, "message": message } });
+        let body = ErrorAnswer { error: ErrorObject { code: code.into(), message: message.clone(), request_id: None } };
         let mut response = (status, Json(body)).into_response();
         // The request-ID middleware rewrites the body with the ID added.
         response.extensions_mut().insert(super::request_id::ErrorBody { code: code.into(), message });
@@ -257,6 +333,66 @@ mod tests {
         assert_eq!(image(DecodeError::UnsupportedFormat("GIF".into())).status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
         let big = DecodeError::TooManyPixels { width: 9, height: 9, pixels: 81, limit: 80 };
         assert_eq!(image(big).status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    /// One value of every variant (and sub-variant with its own code).
+    fn every_error() -> Vec<ApiError> {
+        let image = |source| ApiError::Image { field: "left", source };
+        let mismatch = SizeMismatch { left_width: 1, left_height: 1, right_width: 2, right_height: 2 };
+        vec![
+            ApiError::MissingField("left"),
+            ApiError::DuplicateField("left"),
+            ApiError::UnexpectedField("x".into()),
+            image(DecodeError::Empty),
+            image(DecodeError::UnknownFormat),
+            image(DecodeError::Corrupt("x".into())),
+            image(DecodeError::UnsupportedFormat("GIF".into())),
+            image(DecodeError::TooManyPixels { width: 9, height: 9, pixels: 81, limit: 80 }),
+            ApiError::SizeMismatch(mismatch),
+            ApiError::InvalidGroundTruth(GroundTruthError::UnknownFormat),
+            ApiError::GroundTruthSizeMismatch { truth_width: 1, truth_height: 1, width: 2, height: 2 },
+            ApiError::Calibration(CalibrationError::UnknownFormat),
+            ApiError::Calibration(CalibrationError::Syntax { format: "JSON", message: "x".into() }),
+            ApiError::Calibration(CalibrationError::Invalid("x".into())),
+            ApiError::Calibration(CalibrationError::SizeMismatch {
+                calib_width: 1,
+                calib_height: 1,
+                width: 2,
+                height: 2,
+            }),
+            ApiError::Calibration(CalibrationError::Unsupported("x".into())),
+            ApiError::CalibrationRequired("ply"),
+            ApiError::GroundTruthNeedsRectifiedPair,
+            ApiError::InvalidBase64("left"),
+            ApiError::InvalidJson("x".into()),
+            ApiError::InvalidMultipart("x".into()),
+            ApiError::InvalidQuery("x".into()),
+            ApiError::UploadTimeout { seconds: 1 },
+            ApiError::PaddedTooLarge { width: 1, height: 1, padded_width: 1, padded_height: 1, pixels: 1, limit: 0 },
+            ApiError::BodyTooLarge { limit: 1 },
+            ApiError::UnsupportedMediaType("x".into()),
+            ApiError::Engine(EngineError::NotReady),
+            ApiError::Engine(EngineError::QueueFull { depth: 1, retry_after_secs: 1 }),
+            ApiError::Engine(EngineError::Stopped),
+            ApiError::Engine(EngineError::Load("x".into())),
+            ApiError::Engine(EngineError::OutOfMemory("x".into())),
+            ApiError::Engine(EngineError::Inference("x".into())),
+            ApiError::UploadBudgetFull { budget_bytes: 1 },
+            ApiError::UnsupportedTransferCoding("gzip".into()),
+            ApiError::CrossOrigin("x".into()),
+            ApiError::NotFound("x".into()),
+            ApiError::MethodNotAllowed("x".into()),
+            ApiError::Internal("x".into()),
+        ]
+    }
+
+    #[test]
+    fn every_code_is_documented_with_its_status() {
+        for error in every_error() {
+            let documented = ERROR_CODES.iter().find(|(code, _, _)| *code == error.code());
+            let (_, status, _) = documented.unwrap_or_else(|| panic!("{} is not in ERROR_CODES", error.code()));
+            assert_eq!(*status, error.status().as_u16(), "{}", error.code());
+        }
     }
 
     #[test]

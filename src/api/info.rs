@@ -7,65 +7,154 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::json;
 
+use super::error::{ErrorAnswer, ErrorObject};
 use super::AppState;
 use crate::decode::SUPPORTED_FORMATS;
-use crate::engine::{EngineError, EngineStatus};
+use crate::engine::{EngineError, EngineStatus, ModelInfo};
 use crate::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
 
-/// `GET /api/v1/health`: 200 only when a request would be served now.
+/// `GET /api/v1/health`'s answer: ready (with the load), or why not.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HealthAnswer {
+    pub status: HealthStatus,
+    /// Where the model runs (ready only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueHealth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploads: Option<UploadHealth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnectionHealth>,
+    /// Why the server cannot serve (loading or failed only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorObject>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// Loaded and warmed up: requests are served.
+    Ready,
+    /// Loading the model or warming it up.
+    Loading,
+    /// The model could not be loaded; this server will never serve.
+    Failed,
+}
+
+/// The inference queue: its size and what went through it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct QueueHealth {
+    /// Requests that may wait behind the running one (`--queue-depth`).
+    pub depth: usize,
+    /// Requests holding a place now (running or waiting).
+    pub in_flight: usize,
+    /// Places in all: the running job plus `depth`.
+    pub capacity: usize,
+    pub completed: u64,
+    pub failed: u64,
+    /// Jobs skipped because their client went away first.
+    pub abandoned: u64,
+}
+
+/// The memory budget for uploads being received and decoded.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UploadHealth {
+    pub bytes_in_flight: u64,
+    pub budget_bytes: u64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConnectionHealth {
+    /// TCP connections open now.
+    pub open: usize,
+    /// `--max-connections`.
+    pub max: usize,
+}
+
+/// Whether requests are served now, and the load.
+#[utoipa::path(
+    get,
+    path = "/api/v1/health",
+    tag = "service",
+    responses(
+        (status = 200, description = "Ready: the model is loaded and warmed up.", body = HealthAnswer),
+        (status = 503, description = "Not ready: loading (retry) or failed (see the server log).", body = HealthAnswer),
+    )
+)]
 pub async fn health(State(state): State<AppState>) -> Response {
-    let stats = state.engine.stats();
-    let queue = json!({
-        "depth": state.engine.queue_depth(),
-        "in_flight": stats.in_flight,
-        "capacity": stats.capacity,
-        "completed": stats.completed,
-        "failed": stats.failed,
-        "abandoned": stats.abandoned,
-    });
-    let uploads = json!({
-        "bytes_in_flight": state.uploads.in_use_bytes(),
-        "budget_bytes": state.uploads.total_bytes(),
-    });
-    let connections = json!({
-        "open": state.connection_stats.open.load(std::sync::atomic::Ordering::Relaxed),
-        "max": state.connections.max_connections,
-    });
+    let not_ready = |status, code: &str, message: &str| {
+        let error = ErrorObject { code: code.into(), message: message.into(), request_id: None };
+        let answer =
+            HealthAnswer { status, device: None, queue: None, uploads: None, connections: None, error: Some(error) };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(answer)).into_response()
+    };
     match state.engine.status() {
         EngineStatus::Ready(info) => {
-            Json(json!({ "status": "ready", "device": info.device, "queue": queue, "uploads": uploads, "connections": connections })).into_response()
+            let stats = state.engine.stats();
+            Json(HealthAnswer {
+                status: HealthStatus::Ready,
+                device: Some(info.device.clone()),
+                queue: Some(QueueHealth {
+                    depth: state.engine.queue_depth(),
+                    in_flight: stats.in_flight,
+                    capacity: stats.capacity,
+                    completed: stats.completed,
+                    failed: stats.failed,
+                    abandoned: stats.abandoned,
+                }),
+                uploads: Some(UploadHealth {
+                    bytes_in_flight: state.uploads.in_use_bytes(),
+                    budget_bytes: state.uploads.total_bytes(),
+                }),
+                connections: Some(ConnectionHealth {
+                    open: state.connection_stats.open.load(std::sync::atomic::Ordering::Relaxed),
+                    max: state.connections.max_connections,
+                }),
+                error: None,
+            })
+            .into_response()
         }
-        EngineStatus::Loading => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "loading",
-                "error": { "code": "model_loading", "message": "the model is loading and warming up" },
-            })),
-        )
-            .into_response(),
+        EngineStatus::Loading => {
+            not_ready(HealthStatus::Loading, "model_loading", "the model is loading and warming up")
+        }
         EngineStatus::Failed(why) => {
             tracing::error!(%why, "health check: model failed to load");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({
-                    "status": "failed",
-                    "error": { "code": "engine_unavailable", "message": "the model failed to load; see the server log" },
-                })),
-            )
-                .into_response()
+            not_ready(HealthStatus::Failed, "engine_unavailable", "the model failed to load; see the server log")
         }
     }
 }
 
-/// `GET /api/v1/model`: the model, its device and what inputs it takes.
+/// `GET /api/v1/model`'s answer: the model's description, then its inputs and outputs.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelAnswer {
+    #[serde(flatten)]
+    pub info: ModelInfo,
+    /// Size rules, normalisation, limits and the image formats read.
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    /// The answer formats and their conventions.
+    #[schema(value_type = Object)]
+    pub output: serde_json::Value,
+}
+
+/// The model, its device and what inputs it takes.
+#[utoipa::path(
+    get,
+    path = "/api/v1/model",
+    tag = "service",
+    responses(
+        (status = 200, description = "The loaded model.", body = ModelAnswer),
+        (status = 503, description = "No model yet (`model_loading`) or none will load (`engine_unavailable`).", body = ErrorAnswer),
+    )
+)]
 pub async fn model(State(state): State<AppState>) -> Result<Response, super::ApiError> {
     let info = state.model_info().ok_or(match state.engine.status() {
         EngineStatus::Failed(why) => EngineError::Load(why),
         _ => EngineError::NotReady,
     })?;
     let formats: Vec<String> = SUPPORTED_FORMATS.iter().map(|f| format!("{f:?}").to_uppercase()).collect();
-    let mut body = serde_json::to_value(&*info).expect("ModelInfo serialises");
-    body["input"] = json!({
+    let input = json!({
         "size_multiple": info.size_multiple,
         "min_size": info.min_size,
         "padding": "zeros at the top and on the right, after normalisation; the prediction is cropped back",
@@ -75,7 +164,7 @@ pub async fn model(State(state): State<AppState>) -> Result<Response, super::Api
         "formats": formats,
         "channels": "grey, RGB and RGBA (alpha dropped), 8 or 16 bits",
     });
-    body["output"] = json!({
+    let output = json!({
         "disparity": "pixels of the left image; the point at (x, y) appears at (x - d, y) on the right",
         "formats": ["json", "png16", "color", "pfm"],
         "png16": "KITTI convention: uint16 = round(d * 256), 0 = no value",
@@ -87,11 +176,11 @@ pub async fn model(State(state): State<AppState>) -> Result<Response, super::Api
             "ply": "binary little-endian PLY, x y z float + red green blue uchar, left camera frame",
         },
     });
-    Ok(Json(body).into_response())
+    Ok(Json(ModelAnswer { info: (*info).clone(), input, output }).into_response())
 }
 
-/// A sample pair shipped in the data folder.
-#[derive(Debug, Serialize, PartialEq)]
+/// A sample pair shipped in the data folder, as URLs under `/data`.
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Example {
     pub name: String,
     pub left: String,
@@ -125,7 +214,19 @@ pub fn list_examples(data_dir: &std::path::Path) -> Vec<Example> {
     examples
 }
 
-/// `GET /api/v1/examples`.
-pub async fn examples(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "examples": list_examples(&state.data_dir) }))
+/// `GET /api/v1/examples`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ExamplesAnswer {
+    pub examples: Vec<Example>,
+}
+
+/// The sample pairs shipped with the server (for the page's "try an example").
+#[utoipa::path(
+    get,
+    path = "/api/v1/examples",
+    tag = "service",
+    responses((status = 200, description = "Every sample pair, by name.", body = ExamplesAnswer))
+)]
+pub async fn examples(State(state): State<AppState>) -> Json<ExamplesAnswer> {
+    Json(ExamplesAnswer { examples: list_examples(&state.data_dir) })
 }

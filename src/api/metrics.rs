@@ -313,7 +313,13 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     response
 }
 
-/// `GET /metrics`.
+/// Prometheus metrics (text exposition format 0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses((status = 200, description = "Every series; see the README's Metrics section.", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.render(&state);
     ([(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))], text).into_response()

@@ -9,6 +9,7 @@
 //! | `GET /api/v1/examples` | sample pairs shipped in `data/` |
 //! | `GET /static/*`, `GET /data/*` | page assets, sample images |
 //! | `GET /metrics` | Prometheus metrics ([`metrics`]) |
+//! | `GET /api/v1/openapi.json`, `GET /docs` | the OpenAPI document and its viewer ([`openapi`]) |
 //!
 //! The page lives here too ([`page`]): it is one more route over the same
 //! state, so the dependency runs one way, from this module to the engine.
@@ -19,7 +20,9 @@ pub mod error;
 pub mod guard;
 mod info;
 pub mod metrics;
+pub mod openapi;
 mod page;
+pub use openapi::BinaryFile;
 pub mod request_id;
 pub use info::{list_examples as examples_in, Example};
 pub mod upload;
@@ -105,6 +108,8 @@ pub fn router(state: AppState) -> Router {
         .nest_service("/static", static_files)
         .nest_service("/data", data_files)
         .route("/metrics", get(metrics::metrics))
+        .route(openapi::DOCUMENT_PATH, get(openapi::document))
+        .merge(openapi::docs_page())
         .route_layer(middleware::from_fn(metrics::mark_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

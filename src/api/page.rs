@@ -20,6 +20,13 @@ struct IndexPage {
     has_examples: bool,
 }
 
+/// The upload page.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "page",
+    responses((status = 200, description = "The HTML page: upload a pair, see the disparity, depth and points.", content_type = "text/html; charset=utf-8", body = String))
+)]
 pub async fn index(State(state): State<AppState>) -> Response {
     let page = IndexPage {
         version: env!("CARGO_PKG_VERSION"),

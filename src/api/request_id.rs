@@ -3,12 +3,12 @@
 //! in the `x-request-id` header and, for errors, in the JSON error object, so
 //! a client's report and the server's log line can be matched.
 
+use super::error::{ErrorAnswer, ErrorObject};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use serde_json::json;
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -26,7 +26,9 @@ pub struct ErrorBody {
 
 impl ErrorBody {
     fn json(&self, request_id: &str) -> String {
-        json!({ "error": { "code": self.code, "message": self.message, "request_id": request_id } }).to_string()
+        let error =
+            ErrorObject { code: self.code.clone(), message: self.message.clone(), request_id: Some(request_id.into()) };
+        serde_json::to_string(&ErrorAnswer { error }).expect("an error object serialises")
     }
 }
 

@@ -118,6 +118,58 @@ fn multipart_error(e: MultipartError, limit: usize) -> ApiError {
     }
 }
 
+/// A pair as `multipart/form-data` (browsers, `curl -F left=@l.png -F right=@r.png`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // documents what `read_multipart` reads
+pub struct PairForm {
+    /// The left image: PNG, JPEG, BMP, TIFF or WebP; grey, RGB or RGBA; 8 or 16 bits.
+    #[schema(value_type = String, format = Binary)]
+    left: Vec<u8>,
+    /// The right image, the same size as the left.
+    #[schema(value_type = String, format = Binary)]
+    right: Vec<u8>,
+    /// Ground-truth disparity to score against: PFM, KITTI 16-bit PNG, or 8-bit PNG (see `gt_scale`).
+    #[schema(value_type = Option<String>, format = Binary)]
+    ground_truth: Option<Vec<u8>>,
+    /// A calibration file: our JSON, OpenCV YAML, KITTI calib or Middlebury calib.txt.
+    #[schema(value_type = Option<String>, format = Binary)]
+    calibration: Option<Vec<u8>>,
+}
+
+/// A pair as JSON, the files in base64 (a `data:` URL prefix and line breaks are accepted).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // documents what `read_json` reads
+pub struct PairJson {
+    /// The left image file, base64.
+    #[schema(content_encoding = "base64")]
+    left: String,
+    /// The right image file, base64.
+    #[schema(content_encoding = "base64")]
+    right: String,
+    /// Ground-truth disparity file, base64.
+    #[schema(content_encoding = "base64")]
+    ground_truth: Option<String>,
+    /// The calibration: a calibration file's text, or our calibration object.
+    #[schema(schema_with = calibration_schema)]
+    calibration: Option<serde_json::Value>,
+}
+
+/// A calibration in a JSON body: a file's text or our calibration object.
+fn calibration_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::String).description(Some("a calibration file's text")))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .description(Some("our calibration object (see the README)")),
+            )
+            .item(ObjectBuilder::new().schema_type(Type::Null))
+            .build(),
+    )
+}
+
 #[derive(Deserialize)]
 struct JsonPair {
     left: Option<String>,

@@ -18,6 +18,7 @@ use crate::geometry::{self, Mat3, Vec3};
 
 /// Length unit of `T` (and so of depth and point clouds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "engine", derive(utoipa::ToSchema))]
 pub enum Units {
     #[serde(rename = "m")]
     Metres,
@@ -222,6 +223,7 @@ impl Calibration {
 /// The formats [`parse`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "engine", derive(utoipa::ToSchema))]
 pub enum CalibrationFormat {
     Json,
     OpencvYaml,

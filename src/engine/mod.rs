@@ -100,7 +100,7 @@ pub struct Prediction {
 }
 
 /// What the loaded model is, for `/api/v1/model` and the page.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub name: String,
     pub description: String,
