@@ -60,33 +60,49 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM ${RUNTIME_IMAGE} AS runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# curl is only for HEALTHCHECK. Versions: see the builder's apt note.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends curl \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --create-home --home-dir /home/stereo --shell /usr/sbin/nologin stereo
+# A numeric user (Kubernetes' runAsNonRoot can verify it); no packages are added:
+# the health check is the binary's own `healthcheck` subcommand, not curl.
+RUN groupadd --system --gid 10001 stereo \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin stereo
 
 # bin/, lib/ (libtorch + CUDA/cuDNN user-space libraries), models/, static/, data/,
-# all owned by root and read-only to the server's user.
-COPY --from=builder /opt/stereo-recon /opt/stereo-recon
+# all owned by root and read-only to the server's user. One COPY per part, largest
+# and steadiest first: bundle.sh gives lib/ the timestamps of the wheel's files, so
+# a source change leaves the 3.5 GB lib/ layer byte-identical (nothing to push or
+# pull again) and only the binary's layer changes. --link keeps each layer
+# independent of the ones below it.
+COPY --link --from=builder /opt/stereo-recon/lib /opt/stereo-recon/lib
+COPY --link --from=builder /opt/stereo-recon/models /opt/stereo-recon/models
+COPY --link --from=builder /opt/stereo-recon/static /opt/stereo-recon/static
+COPY --link --from=builder /opt/stereo-recon/data /opt/stereo-recon/data
+COPY --link --from=builder /opt/stereo-recon/MANIFEST /opt/stereo-recon/MANIFEST
+COPY --link --from=builder /opt/stereo-recon/bin /opt/stereo-recon/bin
 
 WORKDIR /opt/stereo-recon
 # The binary's RUNPATH is already $ORIGIN/../lib; LD_LIBRARY_PATH also covers the
 # libraries cuDNN and NVRTC open with dlopen. libcuda.so.1 (the driver) is mounted
 # from the host by the NVIDIA container toolkit when the container runs with --gpus;
 # without it CUDA is unavailable and --device auto serves on CPU.
+# The server writes nothing; the only writes are CUDA's and PyTorch's kernel caches,
+# pointed at /tmp so the root filesystem can be read-only (--read-only --tmpfs /tmp,
+# or Kubernetes' readOnlyRootFilesystem with an emptyDir on /tmp).
 ENV LD_LIBRARY_PATH=/opt/stereo-recon/lib \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    CUDA_CACHE_PATH=/tmp/.nv/ComputeCache \
     STEREO_RECON_HOST=0.0.0.0 \
     STEREO_RECON_PORT=5000 \
     STEREO_RECON_DEVICE=auto
 
-USER stereo
+USER 10001:10001
 EXPOSE 5000
-# 200 only once the model is loaded and warm; CPU warm-up and first CUDA use take a while.
+# 200 only once the model is loaded and warm; CPU warm-up and first CUDA use take a
+# while. The check follows the port the server really listens on (`serve --port N`
+# in the arguments included): it reads PID 1's listening socket from /proc.
+# Podman and buildah keep HEALTHCHECK only in Docker-format images: --format docker.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD curl --fail --silent --max-time 4 --output /dev/null "http://127.0.0.1:${STEREO_RECON_PORT}/api/v1/health" || exit 1
+    CMD ["/opt/stereo-recon/bin/stereo-recon", "healthcheck"]
 # Exec form: the server is PID 1 and receives SIGTERM itself (graceful drain).
 ENTRYPOINT ["/opt/stereo-recon/bin/stereo-recon"]
 CMD ["serve"]

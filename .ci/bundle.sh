@@ -127,6 +127,14 @@ for name in "${!chosen[@]}"; do
     fi
 done
 
+# Reproducible lib/: every file and the folder carry the wheel's lib folder's
+# timestamp, so the image layer made from lib/ is byte-identical from one build to
+# the next while the venv is unchanged (a source edit changes bin/ only). Not in
+# --link mode: the hard links share their inode with the venv's files.
+if ((!link)); then
+    find "$out/lib" -exec touch -h -r "$torch_dir/lib" {} +
+fi
+
 cp "$binary" "$out/bin/stereo-recon"
 # build.rs points RUNPATH at the venv's torch/lib; the bundle must never reach back
 # there, so the binary finds its libraries next to itself and nowhere else. The

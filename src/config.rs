@@ -37,6 +37,45 @@ pub enum Command {
     Eval(EvalArgs),
     /// Render the synthetic sample scene (images, exact disparity, calibration) into a folder.
     RenderSynthetic(RenderArgs),
+    /// Check that the server in this container is ready (exit 0) or not (exit 1), for
+    /// Docker's HEALTHCHECK and Kubernetes exec probes: no shell or curl needed.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// `healthcheck`: which server, which route.
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// Port on 127.0.0.1 to check. Default: the port the server process (--server-pid)
+    /// really listens on, read from /proc; if that cannot be read, the port `serve`
+    /// would take from this environment (STEREO_RECON_PORT, else 5000).
+    #[arg(long, env = "STEREO_RECON_HEALTHCHECK_PORT")]
+    pub port: Option<u16>,
+    /// The server's process ID (PID 1, the entrypoint, in a container).
+    #[arg(long, env = "STEREO_RECON_HEALTHCHECK_SERVER_PID", default_value_t = 1)]
+    pub server_pid: u32,
+    /// Route to ask; healthy when it answers 200.
+    #[arg(long, env = "STEREO_RECON_HEALTHCHECK_PATH", default_value = "/api/v1/health")]
+    pub path: String,
+    /// Seconds to wait for the connection and the answer.
+    #[arg(long, env = "STEREO_RECON_HEALTHCHECK_TIMEOUT_SECS", default_value_t = 3)]
+    pub timeout_secs: u64,
+}
+
+impl HealthcheckArgs {
+    /// The check, with the fallback address `serve` would use in this environment.
+    pub fn check(&self) -> crate::healthcheck::Check {
+        let fallback = match Cli::try_parse_from(["stereo-recon", "serve"]) {
+            Ok(Cli { command: Command::Serve(config), .. }) => std::net::SocketAddr::new(config.host, config.port),
+            _ => std::net::SocketAddr::from(([127, 0, 0, 1], 5000)),
+        };
+        crate::healthcheck::Check {
+            port: self.port,
+            server_pid: self.server_pid,
+            fallback,
+            path: self.path.clone(),
+            timeout: std::time::Duration::from_secs(self.timeout_secs.max(1)),
+        }
+    }
 }
 
 /// Where the model is and how it runs; shared by every command that infers.

@@ -24,6 +24,7 @@ pub mod disparity;
 pub mod engine;
 pub mod eval;
 pub mod geometry;
+pub mod healthcheck;
 pub mod preprocess;
 pub mod reconstruct;
 pub mod rectify;

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => runtime.block_on(cli::predict(args)),
         Command::Eval(args) => runtime.block_on(cli::eval(args)),
         Command::RenderSynthetic(args) => cli::render_synthetic(args),
+        Command::Healthcheck(args) => stereo_recon::healthcheck::run(&args.check()),
     };
     match outcome {
         Ok(summary) => {

@@ -162,6 +162,25 @@ fn serve_answers_on_a_socket_and_drains_on_sigterm() {
         request.extend_from_slice(&body);
         request
     };
+    // `healthcheck` finds the port the server really listens on (here a random one
+    // from --port 0) through /proc, not from the environment, which says otherwise.
+    let healthcheck = |pid: u32| {
+        Command::new(BIN)
+            .args(["healthcheck", "--server-pid", &pid.to_string()])
+            .env("STEREO_RECON_PORT", "1")
+            .output()
+            .expect("healthcheck runs")
+    };
+    let healthy = healthcheck(server.pid());
+    assert!(healthy.status.success(), "{}", String::from_utf8_lossy(&healthy.stderr));
+    assert!(String::from_utf8_lossy(&healthy.stdout).contains(&address.to_string()), "{healthy:?}");
+    // A process with no listening socket: the fallback (STEREO_RECON_PORT=1) has no server either.
+    let mut idle = Command::new("sleep").arg("30").spawn().unwrap();
+    let unhealthy = healthcheck(idle.id());
+    let _ = idle.kill();
+    assert_eq!(unhealthy.status.code(), Some(1), "{unhealthy:?}");
+    assert!(String::from_utf8_lossy(&unhealthy.stderr).contains("127.0.0.1:1"), "{unhealthy:?}");
+
     let (left, right) = small_pair();
     let (status, body) = http(address, &pfm_request(&left, &right));
     assert_eq!(status, 200);

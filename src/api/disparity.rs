@@ -179,7 +179,7 @@ fn parse_calibration(bytes: &[u8]) -> Result<(Calibration, CalibrationFormat), A
 /// The network sees the padded input, so that is what must fit: a 100000 x 1
 /// image is small, but padded to 100000 x 256 it is not. The floor of one
 /// minimum-size input keeps tiny images (padded to 256 x 256) always allowed.
-fn check_padded_size(width: u32, height: u32, max_pixels: u64) -> Result<(), ApiError> {
+pub(super) fn check_padded_size(width: u32, height: u32, max_pixels: u64) -> Result<(), ApiError> {
     let geometry = PadRule::PSMNET.geometry(width, height);
     let pixels = geometry.padded_len() as u64;
     let floor = u64::from(PadRule::PSMNET.min_size).pow(2);

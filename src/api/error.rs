@@ -65,6 +65,11 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("internal_error", 500, "an unexpected server error; the detail is in the server log"),
 ];
 
+/// An error answer's code, on the answer for the metrics (whatever the body's shape:
+/// our error object, or the Open Inference Protocol's).
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCodeTag(pub &'static str);
+
 /// The body of every error answer.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorAnswer {
@@ -308,6 +313,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         // The request-ID middleware rewrites the body with the ID added.
         response.extensions_mut().insert(super::request_id::ErrorBody { code: code.into(), message });
+        response.extensions_mut().insert(ErrorCodeTag(code));
         if let Some(seconds) = self.retry_after() {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

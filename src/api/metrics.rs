@@ -26,6 +26,7 @@ use prometheus::{
 };
 
 use super::answer::Timings;
+use super::error::ErrorCodeTag;
 use super::request_id::ErrorBody;
 use super::AppState;
 
@@ -308,7 +309,11 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
         status: response.status().as_u16(),
         elapsed: started.elapsed(),
         timings: response.extensions().get::<Timings>(),
-        error_code: response.extensions().get::<ErrorBody>().map(|e| e.code.as_str()),
+        error_code: response
+            .extensions()
+            .get::<ErrorCodeTag>()
+            .map(|t| t.0)
+            .or_else(|| response.extensions().get::<ErrorBody>().map(|e| e.code.as_str())),
     });
     response
 }

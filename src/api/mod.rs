@@ -10,6 +10,7 @@
 //! | `GET /static/*`, `GET /data/*` | page assets, sample images |
 //! | `GET /metrics` | Prometheus metrics ([`metrics`]) |
 //! | `GET /api/v1/openapi.json`, `GET /docs` | the OpenAPI document and its viewer ([`openapi`]) |
+//! | `/v2/...` | the Open Inference Protocol (KServe v2 / Triton REST, [`v2`]) |
 //!
 //! The page lives here too ([`page`]): it is one more route over the same
 //! state, so the dependency runs one way, from this module to the engine.
@@ -24,6 +25,7 @@ pub mod openapi;
 mod page;
 pub use openapi::BinaryFile;
 pub mod request_id;
+pub mod v2;
 pub use info::{list_examples as examples_in, Example};
 pub mod upload;
 
@@ -107,6 +109,17 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/examples", get(info::examples))
         .nest_service("/static", static_files)
         .nest_service("/data", data_files)
+        .route("/v2/health/live", get(v2::live))
+        .route("/v2/health/ready", get(v2::ready))
+        .route("/v2", get(v2::server_metadata))
+        .route("/v2/models/{name}", get(v2::model_metadata))
+        .route("/v2/models/{name}/versions/{version}", get(v2::model_metadata))
+        .route("/v2/models/{name}/ready", get(v2::model_ready))
+        .route("/v2/models/{name}/config", get(v2::model_config))
+        .route("/v2/models/{name}/versions/{version}/config", get(v2::model_config))
+        .route("/v2/models/{name}/versions/{version}/ready", get(v2::model_ready))
+        .route("/v2/models/{name}/infer", post(v2::infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(v2::infer))
         .route("/metrics", get(metrics::metrics))
         .route(openapi::DOCUMENT_PATH, get(openapi::document))
         .merge(openapi::docs_page())

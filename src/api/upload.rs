@@ -46,6 +46,29 @@ pub async fn read_pair(request: Request, limit: usize, timeout: Duration) -> Res
         .map_err(|_| ApiError::UploadTimeout { seconds: timeout.as_secs() })?
 }
 
+/// The whole body of `request` (any content type), with the same limit,
+/// timeout and early 413 for oversized declared lengths as [`read_pair`].
+pub async fn read_bytes(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let connection = request.extensions().get::<ConnectionHandle>().cloned();
+    let read = axum::body::to_bytes(request.into_body(), limit);
+    let bytes = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| ApiError::UploadTimeout { seconds: timeout.as_secs() })?;
+    bytes.map_err(|e| {
+        let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over || connection.is_some_and(|c| c.declared_oversize().is_some()) {
+            ApiError::BodyTooLarge { limit }
+        } else {
+            ApiError::InvalidJson(echo(&format!("could not read the body: {e}")))
+        }
+    })
+}
+
 async fn read_pair_untimed(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
     // A chunked body whose chunk lines declare more than the limit fails as soon
     // as the connection layer sees them; whatever error that surfaces as, it is a 413.

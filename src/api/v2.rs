@@ -1,0 +1,534 @@
+//! The Open Inference Protocol (KServe v2, Triton's HTTP/REST protocol),
+//! beside our own API, so KServe, Triton clients and `perf_analyzer` can use
+//! this server as they use any model server.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v2/health/live`, `GET /v2/health/ready` | 200, or 400 when not ready (the protocol's "4xx = false") |
+//! | `GET /v2` | server metadata |
+//! | `GET /v2/models/psmnet-kitti2015[/versions/1]` | model metadata: inputs `left`, `right` (UINT8 `[H, W, 3]`), output `disparity` (FP32 `[H, W]`) |
+//! | `GET /v2/models/psmnet-kitti2015[/versions/1]/ready` | 200 / 400 |
+//! | `GET /v2/models/psmnet-kitti2015[/versions/1]/config` | Triton's model configuration (read by `perf_analyzer`) |
+//! | `POST /v2/models/psmnet-kitti2015[/versions/1]/infer` | one inference |
+//!
+//! Tensor data comes as JSON (`data`, flat or nested, row-major) or with the
+//! binary tensor data extension: an `Inference-Header-Content-Length` header
+//! giving the JSON part's length, then each input's bytes in order
+//! (`parameters.binary_data_size`); an output asked with
+//! `parameters.binary_data: true` (or the request's `binary_data_output`)
+//! comes back the same way. Errors are the protocol's `{"error": "..."}`.
+//!
+//! The inference goes through the same admission as `/api/v1/disparity`: the
+//! queue (503 + Retry-After when full), the upload memory budget, the body and
+//! pixel limits and the upload timeout.
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::error::{ApiError, ErrorCodeTag};
+use super::guard::{declared_upload_bytes, decoded_pair_bytes};
+use super::upload::read_bytes;
+use super::AppState;
+use crate::disparity::DisparityMap;
+use crate::engine::{EngineStatus, StereoPair};
+
+/// The model's name on this protocol (also `ModelInfo::name`).
+pub const MODEL_NAME: &str = "psmnet-kitti2015";
+/// The one version served.
+pub const MODEL_VERSION: &str = "1";
+/// The binary extension's header: length of the JSON part of a body.
+pub const HEADER_LENGTH: HeaderName = HeaderName::from_static("inference-header-content-length");
+
+/// A protocol error: status, our code (for metrics and logs) and the message.
+#[derive(Debug)]
+pub struct ProtocolError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<HeaderValue>,
+}
+
+impl ProtocolError {
+    fn bad_request(message: impl Into<String>) -> ProtocolError {
+        ProtocolError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_inference_request",
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn unknown_model(name: &str) -> ProtocolError {
+        ProtocolError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_model",
+            message: format!(
+                "unknown model '{}' (this server serves '{MODEL_NAME}' version {MODEL_VERSION})",
+                super::error::echo(name)
+            ),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<ApiError> for ProtocolError {
+    /// The shared steps' errors, with their status and public message.
+    fn from(e: ApiError) -> ProtocolError {
+        let response = e.into_response();
+        let status = response.status();
+        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+        let body = response.extensions().get::<super::request_id::ErrorBody>();
+        let (code, message) = body.map(|b| (b.code.clone(), b.message.clone())).unwrap_or_default();
+        let code =
+            super::error::ERROR_CODES.iter().map(|(c, _, _)| *c).find(|c| *c == code).unwrap_or("internal_error");
+        ProtocolError { status, code, message, retry_after }
+    }
+}
+
+impl IntoResponse for ProtocolError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, seconds);
+        }
+        response.extensions_mut().insert(ErrorCodeTag(self.code));
+        response
+    }
+}
+
+/// `GET /v2/health/live`: the process answers.
+pub async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `GET /v2/health/ready`: the model is loaded and warmed up.
+pub async fn ready(State(state): State<AppState>) -> StatusCode {
+    readiness(&state)
+}
+
+fn readiness(state: &AppState) -> StatusCode {
+    match state.engine.status() {
+        EngineStatus::Ready(_) => StatusCode::OK,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// `GET /v2`: server metadata.
+pub async fn server_metadata() -> Response {
+    axum::Json(json!({
+        "name": "stereo-recon",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_configuration"],
+    }))
+    .into_response()
+}
+
+/// Which model (and version) a route names; only ours exists.
+fn check_model(name: &str, version: Option<&str>) -> Result<(), ProtocolError> {
+    if name != MODEL_NAME {
+        return Err(ProtocolError::unknown_model(name));
+    }
+    match version {
+        None => Ok(()),
+        Some(v) if v == MODEL_VERSION => Ok(()),
+        Some(v) => Err(ProtocolError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_model",
+            message: format!("model '{MODEL_NAME}' has no version '{}' (only {MODEL_VERSION})", super::error::echo(v)),
+            retry_after: None,
+        }),
+    }
+}
+
+/// Path parameters: the model name and, on the `/versions/{version}` routes, the version.
+#[derive(Debug, Deserialize)]
+pub struct ModelPath {
+    name: String,
+    version: Option<String>,
+}
+
+/// `GET /v2/models/{name}[/versions/{version}]`: the model's tensors.
+pub async fn model_metadata(Path(path): Path<ModelPath>) -> Result<Response, ProtocolError> {
+    check_model(&path.name, path.version.as_deref())?;
+    Ok(axum::Json(json!({
+        "name": MODEL_NAME,
+        "versions": [MODEL_VERSION],
+        "platform": "pytorch_torchscript",
+        "inputs": [
+            { "name": "left", "datatype": "UINT8", "shape": [-1, -1, 3] },
+            { "name": "right", "datatype": "UINT8", "shape": [-1, -1, 3] },
+        ],
+        "outputs": [{ "name": "disparity", "datatype": "FP32", "shape": [-1, -1] }],
+    }))
+    .into_response())
+}
+
+/// `GET /v2/models/{name}[/versions/{version}]/config`: Triton's model
+/// configuration extension, which Triton's tools (`perf_analyzer`) read first.
+pub async fn model_config(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+) -> Result<Response, ProtocolError> {
+    check_model(&path.name, path.version.as_deref())?;
+    let on_gpu = state.model_info().is_some_and(|info| info.device.starts_with("cuda"));
+    Ok(axum::Json(json!({
+        "name": MODEL_NAME,
+        "platform": "pytorch_libtorch",
+        "backend": "pytorch",
+        "max_batch_size": 0,
+        "input": [
+            { "name": "left", "data_type": "TYPE_UINT8", "format": "FORMAT_NONE", "dims": [-1, -1, 3] },
+            { "name": "right", "data_type": "TYPE_UINT8", "format": "FORMAT_NONE", "dims": [-1, -1, 3] },
+        ],
+        "output": [{ "name": "disparity", "data_type": "TYPE_FP32", "dims": [-1, -1] }],
+        "version_policy": { "latest": { "num_versions": 1 } },
+        "instance_group": [{ "name": MODEL_NAME, "kind": if on_gpu { "KIND_GPU" } else { "KIND_CPU" }, "count": 1 }],
+    }))
+    .into_response())
+}
+
+/// `GET /v2/models/{name}[/versions/{version}]/ready`.
+pub async fn model_ready(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+) -> Result<StatusCode, ProtocolError> {
+    check_model(&path.name, path.version.as_deref())?;
+    Ok(readiness(&state))
+}
+
+/// An inference request's JSON part.
+#[derive(Debug, Deserialize)]
+struct InferRequest {
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<InputTensor>,
+    #[serde(default)]
+    outputs: Vec<RequestedOutput>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputTensor {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    data: Option<Uint8Data>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestedOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// UINT8 tensor data in JSON: numbers 0 to 255, in nested or flat arrays,
+/// read straight into bytes (a `Value` per number would take 32 bytes each).
+#[derive(Debug, Default)]
+struct Uint8Data(Vec<u8>);
+
+impl<'de> Deserialize<'de> for Uint8Data {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Flatten<'a>(&'a mut Vec<u8>);
+
+        impl<'de> de::DeserializeSeed<'de> for Flatten<'_> {
+            type Value = ();
+            fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+                deserializer.deserialize_any(self)
+            }
+        }
+
+        impl<'de> Visitor<'de> for Flatten<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("UINT8 values (0 to 255) in arrays")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+                let byte = u8::try_from(v).map_err(|_| E::custom(format!("{v} is not a UINT8 value (0 to 255)")))?;
+                self.0.push(byte);
+                Ok(())
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+                Err(E::custom(format!("{v} is not a UINT8 value (0 to 255)")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+                Err(E::custom(format!("{v} is not a UINT8 value (0 to 255)")))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                while seq.next_element_seed(Flatten(self.0))?.is_some() {}
+                Ok(())
+            }
+        }
+
+        let mut bytes = Vec::new();
+        deserializer.deserialize_any(Flatten(&mut bytes))?;
+        Ok(Uint8Data(bytes))
+    }
+}
+
+/// The body split into its JSON part and the binary data after it.
+fn split_body(headers: &HeaderMap, body: &Bytes) -> Result<(Bytes, Bytes), ProtocolError> {
+    let Some(value) = headers.get(&HEADER_LENGTH) else {
+        return Ok((body.clone(), Bytes::new()));
+    };
+    let length =
+        value.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n <= body.len()).ok_or_else(
+            || {
+                ProtocolError::bad_request(format!(
+                    "Inference-Header-Content-Length must be a length of at most the body's {} bytes",
+                    body.len()
+                ))
+            },
+        )?;
+    Ok((body.slice(..length), body.slice(length..)))
+}
+
+/// Checks one input and returns its pixels (`[H, W, 3]` UINT8) and size.
+fn input_image(tensor: &InputTensor, binary: &mut Bytes) -> Result<(u32, u32, Vec<u8>), ProtocolError> {
+    let name = &tensor.name;
+    if tensor.datatype != "UINT8" {
+        return Err(ProtocolError::bad_request(format!(
+            "input '{name}' must be UINT8, not {}",
+            super::error::echo(&tensor.datatype)
+        )));
+    }
+    let (height, width) = match tensor.shape[..] {
+        [h, w, 3] if h > 0 && w > 0 && h <= i64::from(u32::MAX) && w <= i64::from(u32::MAX) => (h as u32, w as u32),
+        _ => {
+            return Err(ProtocolError::bad_request(format!(
+                "input '{name}' must have shape [H, W, 3], not {:?}",
+                tensor.shape
+            )))
+        }
+    };
+    let expected = height as u64 * width as u64 * 3;
+    let bytes = match (&tensor.data, tensor.parameters.get("binary_data_size")) {
+        (Some(_), Some(_)) => {
+            return Err(ProtocolError::bad_request(format!("input '{name}' has both JSON data and binary_data_size")))
+        }
+        (Some(data), None) => data.0.clone(),
+        (None, Some(size)) => {
+            let size = size.as_u64().filter(|&s| s <= binary.len() as u64).ok_or_else(|| {
+                ProtocolError::bad_request(format!(
+                    "input '{name}': binary_data_size is not a size within the binary data"
+                ))
+            })?;
+            binary.split_to(size as usize).to_vec()
+        }
+        (None, None) => {
+            return Err(ProtocolError::bad_request(format!(
+                "input '{name}' has no data (JSON 'data' or binary_data_size)"
+            )))
+        }
+    };
+    if bytes.len() as u64 != expected {
+        return Err(ProtocolError::bad_request(format!(
+            "input '{name}' has {} values but its shape [{height}, {width}, 3] needs {expected}",
+            bytes.len()
+        )));
+    }
+    Ok((width, height, bytes))
+}
+
+/// The pair named `left` and `right`, as the engine's input.
+fn read_inputs(request: &InferRequest, mut binary: Bytes, max_pixels: u64) -> Result<StereoPair, ProtocolError> {
+    let mut left = None;
+    let mut right = None;
+    for tensor in &request.inputs {
+        let slot = match tensor.name.as_str() {
+            "left" => &mut left,
+            "right" => &mut right,
+            other => {
+                return Err(ProtocolError::bad_request(format!(
+                    "unexpected input '{}': this model takes 'left' and 'right'",
+                    super::error::echo(other)
+                )))
+            }
+        };
+        if slot.is_some() {
+            return Err(ProtocolError::bad_request(format!("input '{}' given twice", tensor.name)));
+        }
+        *slot = Some(input_image(tensor, &mut binary)?);
+    }
+    let (Some(left), Some(right)) = (left, right) else {
+        return Err(ProtocolError::bad_request("this model needs two inputs, 'left' and 'right'"));
+    };
+    if left.0 as u64 * left.1 as u64 > max_pixels {
+        return Err(ApiError::Image {
+            field: "left",
+            source: crate::decode::DecodeError::TooManyPixels {
+                width: left.0,
+                height: left.1,
+                pixels: left.0 as u64 * left.1 as u64,
+                limit: max_pixels,
+            },
+        }
+        .into());
+    }
+    super::disparity::check_padded_size(left.0, left.1, max_pixels)?;
+    let to_image = |(width, height, bytes): (u32, u32, Vec<u8>)| {
+        let rgb = image::RgbImage::from_raw(width, height, bytes).expect("size checked against the shape");
+        crate::decode::to_rgb_unit(image::DynamicImage::ImageRgb8(rgb))
+    };
+    StereoPair::new(to_image(left), to_image(right)).map_err(|e| ApiError::SizeMismatch(e).into())
+}
+
+/// Whether the disparity goes back as binary data.
+fn wants_binary(request: &InferRequest) -> Result<bool, ProtocolError> {
+    let request_wide = request.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
+    let mut binary = request_wide;
+    for output in &request.outputs {
+        if output.name != "disparity" {
+            return Err(ProtocolError::bad_request(format!(
+                "unknown output '{}': this model has 'disparity'",
+                super::error::echo(&output.name)
+            )));
+        }
+        if let Some(flag) = output.parameters.get("binary_data").and_then(Value::as_bool) {
+            binary = flag;
+        }
+    }
+    Ok(binary)
+}
+
+#[derive(Serialize)]
+struct OutputTensor<'a> {
+    name: &'static str,
+    datatype: &'static str,
+    shape: [u32; 2],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a [f32]>,
+}
+
+#[derive(Serialize)]
+struct InferResponse<'a> {
+    model_name: &'static str,
+    model_version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    outputs: [OutputTensor<'a>; 1],
+}
+
+/// The answer: JSON, or JSON then the disparity's little-endian float32 bytes.
+fn encode_answer(request_id: Option<&str>, map: &DisparityMap, binary: bool) -> Response {
+    let values = map.values();
+    let shape = [map.height(), map.width()];
+    let tensor = OutputTensor {
+        name: "disparity",
+        datatype: "FP32",
+        shape,
+        parameters: binary.then(|| json!({ "binary_data_size": values.len() * 4 })),
+        data: (!binary).then_some(values),
+    };
+    let document =
+        InferResponse { model_name: MODEL_NAME, model_version: MODEL_VERSION, id: request_id, outputs: [tensor] };
+    let mut body = serde_json::to_vec(&document).expect("the answer serialises");
+    if !binary {
+        return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    }
+    let json_length = body.len();
+    body.reserve(values.len() * 4);
+    for v in values {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (HEADER_LENGTH, HeaderValue::from(json_length)),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `POST /v2/models/{name}[/versions/{version}]/infer`.
+pub async fn infer(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+    request: Request,
+) -> Result<Response, ProtocolError> {
+    check_model(&path.name, path.version.as_deref())?;
+    // The same admission as /api/v1/disparity, before the body is read.
+    state.engine.check_capacity().map_err(ApiError::from)?;
+    let declared = declared_upload_bytes(request.headers(), state.limits.max_upload_bytes);
+    let receiving = state.uploads.try_admit(declared).ok_or_else(|| state.uploads.full())?;
+    let headers = request.headers().clone();
+    let body = read_bytes(request, state.limits.max_upload_bytes, state.limits.upload_timeout).await?;
+
+    let max_pixels = state.limits.max_pixels;
+    let uploads = state.uploads.clone();
+    let (parsed, pair) = tokio::task::spawn_blocking(move || -> Result<_, ProtocolError> {
+        let (json_part, binary) = split_body(&headers, &body)?;
+        let parsed: InferRequest = serde_json::from_slice(&json_part).map_err(|e| {
+            ProtocolError::bad_request(format!("invalid inference request: {}", super::error::echo(&e.to_string())))
+        })?;
+        let binary_out = wants_binary(&parsed)?;
+        let pair = read_inputs(&parsed, binary, max_pixels)?;
+        let (width, height) = pair.dimensions();
+        let _decoded = uploads.try_admit(decoded_pair_bytes(width, height)).ok_or_else(|| uploads.full())?;
+        Ok(((parsed.id, binary_out), pair))
+    })
+    .await
+    .map_err(|_| ApiError::Internal("the request parser panicked".into()))??;
+    drop(receiving);
+    let (id, binary) = parsed;
+
+    let prediction = state.engine.predict(pair).await.map_err(ApiError::from)?;
+    let answer = tokio::task::spawn_blocking(move || encode_answer(id.as_deref(), &prediction.disparity, binary))
+        .await
+        .map_err(|_| ApiError::Internal("the answer encoder panicked".into()))?;
+    Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uint8_data_reads_flat_and_nested_arrays_and_refuses_other_numbers() {
+        let flat: Uint8Data = serde_json::from_str("[1, 2, 255]").unwrap();
+        assert_eq!(flat.0, vec![1, 2, 255]);
+        let nested: Uint8Data = serde_json::from_str("[[[1, 2, 3]], [[4, 5, 6]]]").unwrap();
+        assert_eq!(nested.0, vec![1, 2, 3, 4, 5, 6]);
+        for bad in ["[256]", "[-1]", "[1.5]", "[\"a\"]"] {
+            assert!(serde_json::from_str::<Uint8Data>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_binary_extension_splits_the_body_at_the_header_length() {
+        let mut headers = HeaderMap::new();
+        let body = Bytes::from_static(b"{\"a\":1}\x01\x02");
+        headers.insert(HEADER_LENGTH, HeaderValue::from_static("7"));
+        let (json_part, binary) = split_body(&headers, &body).unwrap();
+        assert_eq!((&json_part[..], &binary[..]), (&b"{\"a\":1}"[..], &b"\x01\x02"[..]));
+        headers.insert(HEADER_LENGTH, HeaderValue::from_static("99"));
+        assert!(split_body(&headers, &body).is_err());
+    }
+
+    #[test]
+    fn inputs_are_checked_against_their_shape() {
+        let tensor = |shape: Vec<i64>, data: Vec<u8>| InputTensor {
+            name: "left".into(),
+            shape,
+            datatype: "UINT8".into(),
+            parameters: Map::new(),
+            data: Some(Uint8Data(data)),
+        };
+        assert_eq!(input_image(&tensor(vec![1, 2, 3], vec![0; 6]), &mut Bytes::new()).unwrap().0, 2);
+        assert!(input_image(&tensor(vec![1, 2, 3], vec![0; 5]), &mut Bytes::new()).is_err());
+        assert!(input_image(&tensor(vec![2, 3], vec![0; 6]), &mut Bytes::new()).is_err());
+        let mut fp32 = tensor(vec![1, 2, 3], vec![0; 6]);
+        fp32.datatype = "FP32".into();
+        assert!(input_image(&fp32, &mut Bytes::new()).is_err());
+    }
+}
