@@ -178,6 +178,7 @@ fn serve_answers_on_a_socket_and_drains_on_sigterm() {
     let mut idle = Command::new("sleep").arg("30").spawn().unwrap();
     let unhealthy = healthcheck(idle.id());
     let _ = idle.kill();
+    let _ = idle.wait();
     assert_eq!(unhealthy.status.code(), Some(1), "{unhealthy:?}");
     assert!(String::from_utf8_lossy(&unhealthy.stderr).contains("127.0.0.1:1"), "{unhealthy:?}");
 
