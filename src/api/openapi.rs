@@ -38,12 +38,24 @@ pub struct BinaryFile(Vec<u8>);
         super::page::index,
         static_file,
         data_file,
+        super::v2::live,
+        super::v2::ready,
+        super::v2::server_metadata,
+        super::v2::model_metadata,
+        super::v2::model_ready,
+        super::v2::model_config,
+        super::v2::infer,
+        versioned_metadata,
+        versioned_ready,
+        versioned_config,
+        versioned_infer,
     ),
     components(schemas(ErrorAnswer, super::error::ErrorCode, super::answer::OutputFormat)),
     tags(
         (name = "disparity", description = "A stereo pair in, a disparity map (or depth, or points) out."),
         (name = "service", description = "Health, model, samples, metrics and this document."),
         (name = "page", description = "The upload page and its files."),
+        (name = "open inference protocol", description = "KServe v2 / Triton REST: the same engine, queue and limits; errors are `{\"error\": \"...\"}`."),
     )
 )]
 pub struct ApiDoc;
@@ -60,18 +72,32 @@ pub fn document_json() -> &'static str {
                 let (left, right) = example_pair();
                 pair.examples = vec![serde_json::json!({ "left": left, "right": right })];
             }
+            if let Some(RefOr::T(Schema::Object(request))) = components.schemas.get_mut("InferRequest") {
+                request.examples = vec![example_infer_request()];
+            }
         }
         doc.to_json().expect("the document serialises")
     })
 }
 
-/// A 32x16 textured pair, the right image the left moved by 2 pixels, as base64 PNGs.
-fn example_pair() -> (String, String) {
-    use base64::Engine as _;
+/// The example pair: 32x16, textured, the right image the left moved by 2 pixels.
+fn example_images() -> (image::RgbImage, image::RgbImage) {
     let texture =
         |x: u32, y: u32| image::Rgb([(x * 37 + y * 11) as u8, (x * 13 + y * 29) as u8, (x * 7 + y * 3) as u8]);
-    let left = image::RgbImage::from_fn(32, 16, texture);
-    let right = image::RgbImage::from_fn(32, 16, |x, y| texture(x + 2, y));
+    (image::RgbImage::from_fn(32, 16, texture), image::RgbImage::from_fn(32, 16, |x, y| texture(x + 2, y)))
+}
+
+/// The example pair as an Open Inference Protocol request with JSON tensor data.
+fn example_infer_request() -> serde_json::Value {
+    let (left, right) = example_images();
+    let tensor = |name: &str, image: &image::RgbImage| serde_json::json!({ "name": name, "shape": [16, 32, 3], "datatype": "UINT8", "data": image.as_raw() });
+    serde_json::json!({ "id": "example", "inputs": [tensor("left", &left), tensor("right", &right)] })
+}
+
+/// The example pair as base64 PNGs.
+fn example_pair() -> (String, String) {
+    use base64::Engine as _;
+    let (left, right) = example_images();
     let base64_png = |image: &image::RgbImage| {
         let mut bytes = std::io::Cursor::new(Vec::new());
         image.write_to(&mut bytes, image::ImageFormat::Png).expect("a PNG in memory");
@@ -118,6 +144,78 @@ async fn static_file() {}
 )]
 #[allow(dead_code)] // served by a file service; the function only carries the documentation
 async fn data_file() {}
+
+/// The model's tensors, at its one version (`1`).
+#[utoipa::path(
+    get,
+    path = "/v2/models/{name}/versions/{version}",
+    tag = "open inference protocol",
+    params(
+        ("name" = String, Path, example = "psmnet-kitti2015"),
+        ("version" = String, Path, example = "1"),
+    ),
+    responses((status = 200, description = "As without the version.", body = super::v2::ModelMetadata), (status = 404, description = "No such model or version.", body = super::v2::V2Error))
+)]
+#[allow(dead_code)] // the route is served by `v2::model_metadata`; this carries its documentation
+async fn versioned_metadata() {}
+
+/// Whether the model's version is ready.
+#[utoipa::path(
+    get,
+    path = "/v2/models/{name}/versions/{version}/ready",
+    tag = "open inference protocol",
+    params(
+        ("name" = String, Path, example = "psmnet-kitti2015"),
+        ("version" = String, Path, example = "1"),
+    ),
+    responses((status = 200, description = "Ready."), (status = 400, description = "Not ready."), (status = 404, description = "No such model or version.", body = super::v2::V2Error))
+)]
+#[allow(dead_code)] // served by `v2::model_ready`
+async fn versioned_ready() {}
+
+/// Triton's model configuration, at the model's version.
+#[utoipa::path(
+    get,
+    path = "/v2/models/{name}/versions/{version}/config",
+    tag = "open inference protocol",
+    params(
+        ("name" = String, Path, example = "psmnet-kitti2015"),
+        ("version" = String, Path, example = "1"),
+    ),
+    responses((status = 200, description = "As without the version.", body = Object), (status = 404, description = "No such model or version.", body = super::v2::V2Error))
+)]
+#[allow(dead_code)] // served by `v2::model_config`
+async fn versioned_config() {}
+
+/// One inference at the model's version (as without the version).
+#[utoipa::path(
+    post,
+    path = "/v2/models/{name}/versions/{version}/infer",
+    tag = "open inference protocol",
+    params(
+        ("name" = String, Path, example = "psmnet-kitti2015"),
+        ("version" = String, Path, example = "1"),
+        ("inference-header-content-length" = Option<u64>, Header, description = "binary extension: length of the JSON part"),
+    ),
+    request_body(content(
+        (super::v2::InferRequest = "application/json"),
+        (BinaryFile = "application/octet-stream"),
+    )),
+    responses(
+        (status = 200, description = "The disparity.", content(
+            (super::v2::InferResponse = "application/json"),
+            (BinaryFile = "application/octet-stream"),
+        )),
+        (status = 400, description = "An invalid request or tensor.", body = super::v2::V2Error),
+        (status = 404, description = "No such model or version.", body = super::v2::V2Error),
+        (status = 408, description = "The body took too long.", body = super::v2::V2Error),
+        (status = 413, description = "The body or the images are too large.", body = super::v2::V2Error),
+        (status = 500, description = "The inference failed.", body = super::v2::V2Error),
+        (status = 503, description = "Busy or not ready.", headers(("retry-after" = u64, description = "seconds to wait")), body = super::v2::V2Error),
+    )
+)]
+#[allow(dead_code)] // served by `v2::infer`
+async fn versioned_infer() {}
 
 /// The `/docs` page's routes (Swagger UI reading [`DOCUMENT_PATH`]).
 pub fn docs_page() -> SwaggerUi {

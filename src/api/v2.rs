@@ -101,12 +101,19 @@ impl IntoResponse for ProtocolError {
     }
 }
 
-/// `GET /v2/health/live`: the process answers.
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/v2/health/live", tag = "open inference protocol", responses((status = 200, description = "Live (empty body).")))]
 pub async fn live() -> StatusCode {
     StatusCode::OK
 }
 
-/// `GET /v2/health/ready`: the model is loaded and warmed up.
+/// Readiness: the model is loaded and warmed up.
+#[utoipa::path(
+    get,
+    path = "/v2/health/ready",
+    tag = "open inference protocol",
+    responses((status = 200, description = "Ready (empty body)."), (status = 400, description = "Not ready (empty body): loading, or the model failed to load."))
+)]
 pub async fn ready(State(state): State<AppState>) -> StatusCode {
     readiness(&state)
 }
@@ -118,14 +125,52 @@ fn readiness(state: &AppState) -> StatusCode {
     }
 }
 
-/// `GET /v2`: server metadata.
-pub async fn server_metadata() -> Response {
-    axum::Json(json!({
-        "name": "stereo-recon",
-        "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration"],
-    }))
-    .into_response()
+/// The protocol's error object.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct V2Error {
+    pub error: String,
+}
+
+/// `GET /v2`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerMetadata {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// Protocol extensions: `binary_tensor_data`, `model_configuration`.
+    pub extensions: Vec<&'static str>,
+}
+
+/// A tensor's name, type and shape (-1: any size).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TensorMetadata {
+    pub name: &'static str,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+/// `GET /v2/models/{name}`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelMetadata {
+    pub name: &'static str,
+    pub versions: Vec<&'static str>,
+    pub platform: &'static str,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+/// Server metadata.
+#[utoipa::path(
+    get,
+    path = "/v2",
+    tag = "open inference protocol",
+    responses((status = 200, description = "The server's name, version and protocol extensions.", body = ServerMetadata))
+)]
+pub async fn server_metadata() -> axum::Json<ServerMetadata> {
+    axum::Json(ServerMetadata {
+        name: "stereo-recon",
+        version: env!("CARGO_PKG_VERSION"),
+        extensions: vec!["binary_tensor_data", "model_configuration"],
+    })
 }
 
 /// Which model (and version) a route names; only ours exists.
@@ -152,24 +197,40 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
-/// `GET /v2/models/{name}[/versions/{version}]`: the model's tensors.
-pub async fn model_metadata(Path(path): Path<ModelPath>) -> Result<Response, ProtocolError> {
+/// The model's tensors.
+#[utoipa::path(
+    get,
+    path = "/v2/models/{name}",
+    tag = "open inference protocol",
+    params(("name" = String, Path, description = "the model's name", example = "psmnet-kitti2015")),
+    responses(
+        (status = 200, description = "Inputs `left`, `right` (UINT8 `[H, W, 3]`), output `disparity` (FP32 `[H, W]`).", body = ModelMetadata),
+        (status = 404, description = "No such model.", body = V2Error),
+    )
+)]
+pub async fn model_metadata(Path(path): Path<ModelPath>) -> Result<axum::Json<ModelMetadata>, ProtocolError> {
     check_model(&path.name, path.version.as_deref())?;
-    Ok(axum::Json(json!({
-        "name": MODEL_NAME,
-        "versions": [MODEL_VERSION],
-        "platform": "pytorch_torchscript",
-        "inputs": [
-            { "name": "left", "datatype": "UINT8", "shape": [-1, -1, 3] },
-            { "name": "right", "datatype": "UINT8", "shape": [-1, -1, 3] },
-        ],
-        "outputs": [{ "name": "disparity", "datatype": "FP32", "shape": [-1, -1] }],
+    let image = |name| TensorMetadata { name, datatype: "UINT8", shape: vec![-1, -1, 3] };
+    Ok(axum::Json(ModelMetadata {
+        name: MODEL_NAME,
+        versions: vec![MODEL_VERSION],
+        platform: "pytorch_torchscript",
+        inputs: vec![image("left"), image("right")],
+        outputs: vec![TensorMetadata { name: "disparity", datatype: "FP32", shape: vec![-1, -1] }],
     }))
-    .into_response())
 }
 
-/// `GET /v2/models/{name}[/versions/{version}]/config`: Triton's model
-/// configuration extension, which Triton's tools (`perf_analyzer`) read first.
+/// Triton's model configuration extension, which Triton's tools (`perf_analyzer`) read first.
+#[utoipa::path(
+    get,
+    path = "/v2/models/{name}/config",
+    tag = "open inference protocol",
+    params(("name" = String, Path, description = "the model's name", example = "psmnet-kitti2015")),
+    responses(
+        (status = 200, description = "Triton's model configuration (inputs, outputs, max_batch_size 0, instance group).", body = Object),
+        (status = 404, description = "No such model.", body = V2Error),
+    )
+)]
 pub async fn model_config(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
@@ -192,7 +253,18 @@ pub async fn model_config(
     .into_response())
 }
 
-/// `GET /v2/models/{name}[/versions/{version}]/ready`.
+/// Whether the model is ready.
+#[utoipa::path(
+    get,
+    path = "/v2/models/{name}/ready",
+    tag = "open inference protocol",
+    params(("name" = String, Path, description = "the model's name", example = "psmnet-kitti2015")),
+    responses(
+        (status = 200, description = "Ready (empty body)."),
+        (status = 400, description = "Not ready (empty body)."),
+        (status = 404, description = "No such model.", body = V2Error),
+    )
+)]
 pub async fn model_ready(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
@@ -201,31 +273,44 @@ pub async fn model_ready(
     Ok(readiness(&state))
 }
 
-/// An inference request's JSON part.
-#[derive(Debug, Deserialize)]
-struct InferRequest {
+/// An inference request (its JSON part, with the binary extension).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct InferRequest {
+    /// Echoed in the answer.
     id: Option<String>,
+    /// `binary_data_output: true` asks every output as binary data.
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: Map<String, Value>,
+    /// `left` and `right`.
     inputs: Vec<InputTensor>,
+    /// Optional: `disparity`, with `parameters.binary_data`.
     #[serde(default)]
     outputs: Vec<RequestedOutput>,
 }
 
-#[derive(Debug, Deserialize)]
-struct InputTensor {
+/// An input tensor: UINT8 `[H, W, 3]`, row-major, in `data` or as binary data.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct InputTensor {
     name: String,
     shape: Vec<i64>,
     datatype: String,
+    /// `binary_data_size`: the tensor's bytes follow the JSON part.
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: Map<String, Value>,
+    /// The values, flat or nested (row-major).
+    #[schema(value_type = Option<Vec<u8>>)]
     data: Option<Uint8Data>,
 }
 
-#[derive(Debug, Deserialize)]
-struct RequestedOutput {
+/// An output asked for.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct RequestedOutput {
     name: String,
+    /// `binary_data: true` for the binary extension.
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: Map<String, Value>,
 }
 
@@ -398,23 +483,29 @@ fn wants_binary(request: &InferRequest) -> Result<bool, ProtocolError> {
     Ok(binary)
 }
 
-#[derive(Serialize)]
-struct OutputTensor<'a> {
+/// The output tensor: `disparity`, FP32 `[H, W]`, in `data` or as binary data.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct OutputTensor<'a> {
     name: &'static str,
     datatype: &'static str,
+    #[schema(value_type = Vec<u32>)]
     shape: [u32; 2],
+    /// `binary_data_size` when the values follow the JSON part.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a [f32]>,
 }
 
-#[derive(Serialize)]
-struct InferResponse<'a> {
+/// An inference's answer (its JSON part, with the binary extension).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct InferResponse<'a> {
     model_name: &'static str,
     model_version: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
+    #[schema(value_type = Vec<OutputTensor>)]
     outputs: [OutputTensor<'a>; 1],
 }
 
@@ -450,7 +541,37 @@ fn encode_answer(request_id: Option<&str>, map: &DisparityMap, binary: bool) -> 
         .into_response()
 }
 
-/// `POST /v2/models/{name}[/versions/{version}]/infer`.
+/// One inference: a pair in, its disparity out.
+///
+/// With the binary tensor data extension, the body is the JSON request of
+/// `Inference-Header-Content-Length` bytes followed by the inputs' bytes, and a
+/// binary answer is its JSON part (length in the same header) followed by the
+/// disparity as little-endian float32.
+#[utoipa::path(
+    post,
+    path = "/v2/models/{name}/infer",
+    tag = "open inference protocol",
+    params(
+        ("name" = String, Path, description = "the model's name", example = "psmnet-kitti2015"),
+        ("inference-header-content-length" = Option<u64>, Header, description = "binary extension: length of the JSON part"),
+    ),
+    request_body(content(
+        (InferRequest = "application/json"),
+        (super::BinaryFile = "application/octet-stream"),
+    )),
+    responses(
+        (status = 200, description = "The disparity.", content(
+            (InferResponse = "application/json"),
+            (super::BinaryFile = "application/octet-stream"),
+        )),
+        (status = 400, description = "An invalid request or tensor.", body = V2Error),
+        (status = 404, description = "No such model.", body = V2Error),
+        (status = 408, description = "The body took too long.", body = V2Error),
+        (status = 413, description = "The body or the images are too large.", body = V2Error),
+        (status = 500, description = "The inference failed (logged on the server).", body = V2Error),
+        (status = 503, description = "Busy (queue full, upload budget) or not ready.", headers(("retry-after" = u64, description = "seconds to wait")), body = V2Error),
+    )
+)]
 pub async fn infer(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
