@@ -14,12 +14,6 @@ use stereo_recon::config::{Cli, Command};
 /// The Kubernetes version the manifests are validated against.
 const KUBERNETES_VERSION: &str = "1.34.0";
 
-fn venv_tool(tool: &str) -> String {
-    let venv =
-        std::env::var("VIRTUAL_ENV").expect("run under `make test`, which sets VIRTUAL_ENV to the set-up's venv");
-    format!("{venv}/bin/{tool}")
-}
-
 #[test]
 fn manifests_validate_against_the_pinned_kubernetes_schemas() {
     let dir = repo().join("deploy/kubernetes");

@@ -11,11 +11,6 @@ use axum::http::StatusCode;
 use common::*;
 use stereo_recon::engine::{Engine, EngineConfig, Fault, FaultInjector};
 
-/// `python3` of the set-up's venv (where `make test` installs the clients), else the one on PATH.
-fn python() -> String {
-    std::env::var("VIRTUAL_ENV").map(|venv| format!("{venv}/bin/python")).unwrap_or_else(|_| "python3".into())
-}
-
 /// One parsed sample: its labels and value.
 #[derive(Debug, serde::Deserialize)]
 struct Sample {
@@ -37,7 +32,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(samples))
 "#;
     use std::io::Write;
-    let mut child = std::process::Command::new(python())
+    let mut child = std::process::Command::new(venv_python())
         .args(["-c", script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -145,10 +140,8 @@ async fn metrics_count_served_refused_and_failed_requests_and_parse_as_prometheu
 }
 
 /// Runs a venv tool (installed by `make test`'s set-up) and returns its status and output.
-async fn venv_tool(tool: &str, args: &[&str]) -> (bool, String) {
-    let venv =
-        std::env::var("VIRTUAL_ENV").expect("run under `make test`, which sets VIRTUAL_ENV to the set-up's venv");
-    let output = tokio::process::Command::new(format!("{venv}/bin/{tool}"))
+async fn run_venv_tool(tool: &str, args: &[&str]) -> (bool, String) {
+    let output = tokio::process::Command::new(venv_tool(tool))
         .args(args)
         .output()
         .await
@@ -200,12 +193,12 @@ async fn the_openapi_document_is_valid_and_the_live_server_keeps_to_it() {
     }
     let file = std::env::temp_dir().join(format!("stereo-recon-openapi-{}.json", std::process::id()));
     std::fs::write(&file, &document).unwrap();
-    let (valid, said) = venv_tool("openapi-spec-validator", &[file.to_str().unwrap()]).await;
+    let (valid, said) = run_venv_tool("openapi-spec-validator", &[file.to_str().unwrap()]).await;
     assert!(valid, "openapi-spec-validator: {said}");
     let _ = std::fs::remove_file(&file);
 
     let config = repo().join("tests/schemathesis/schemathesis.toml");
-    let (passed, report) = venv_tool(
+    let (passed, report) = run_venv_tool(
         "st",
         &[
             "--config-file",
@@ -289,7 +282,7 @@ print("closed" if not validator.is_valid(answer) else "open")
     let answer_file = temp.join(format!("stereo-recon-answer-{}.json", std::process::id()));
     std::fs::write(&doc_file, &document.body).unwrap();
     std::fs::write(&answer_file, &reply.body).unwrap();
-    let output = std::process::Command::new(python())
+    let output = std::process::Command::new(venv_python())
         .args(["-c", script, doc_file.to_str().unwrap(), answer_file.to_str().unwrap()])
         .output()
         .unwrap();

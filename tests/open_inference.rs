@@ -7,10 +7,6 @@ mod common;
 
 use common::*;
 
-fn python() -> String {
-    std::env::var("VIRTUAL_ENV").map(|venv| format!("{venv}/bin/python")).unwrap_or_else(|_| "python3".into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_reads_metadata_and_infers_the_same_disparity_as_our_api() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -19,7 +15,7 @@ async fn tritonclient_reads_metadata_and_infers_the_same_disparity_as_our_api() 
 
     let fixtures = repo().join("tests/fixtures/synthetic_crop");
     let script = repo().join("tests/clients/triton_client.py");
-    let output = tokio::process::Command::new(python())
+    let output = tokio::process::Command::new(venv_python())
         .arg(&script)
         .arg(address.to_string())
         .arg(fixtures.join("left.png"))
@@ -62,7 +58,7 @@ async fn perf_analyzer_measures_the_server_like_a_triton_server() {
     tokio::spawn(stereo_recon::serve(listener, state.clone(), std::future::pending()));
 
     let venv = std::env::var("VIRTUAL_ENV").expect("run under `make test`, which sets VIRTUAL_ENV");
-    let output = tokio::process::Command::new(format!("{venv}/bin/perf_analyzer"))
+    let output = tokio::process::Command::new(venv_tool("perf_analyzer"))
         .env("LD_LIBRARY_PATH", format!("{venv}/lib/python3.11/site-packages/nvidia/cuda_runtime/lib"))
         .args(["-m", "psmnet-kitti2015", "-u", &address.to_string(), "-i", "http"])
         .args(["--shape", "left:256,256,3", "--shape", "right:256,256,3", "--concurrency-range", "1:1"])

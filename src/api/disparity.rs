@@ -18,7 +18,7 @@ use super::answer::{
     encode_answer, Answer, AnswerContext, EncodedAnswer, JsonSummary, OutputFormat, Reconstruction, Timings,
 };
 use super::error::{ApiError, ErrorAnswer};
-use super::guard::{declared_upload_bytes, decoded_pair_bytes, UploadBudget};
+use super::guard::{decoded_pair_bytes, UploadBudget};
 use super::upload::{read_pair, UploadedPair};
 use super::{AppState, RequestStart};
 use crate::calibration::{self, Calibration, CalibrationError, CalibrationFormat};
@@ -112,9 +112,7 @@ pub async fn disparity(
     let params = output_params(query)?;
     // Refusals before the body is read; the connection layer then closes the
     // connection after reading the rest of the body away, so the client reads them.
-    state.engine.check_capacity()?;
-    let declared = declared_upload_bytes(request.headers(), state.limits.max_upload_bytes);
-    let receiving = state.uploads.try_admit(declared).ok_or_else(|| state.uploads.full())?;
+    let receiving = state.admit_upload(request.headers())?;
     let upload = read_pair(request, state.limits.max_upload_bytes, state.limits.upload_timeout).await?;
     let calibration = upload.calibration.as_deref().map(parse_calibration).transpose()?;
     if let (Some(name), None) = (params.format.needs_calibration(), &calibration) {

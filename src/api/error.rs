@@ -264,7 +264,7 @@ impl ApiError {
 
     /// What the client is told. Server-side failures get a generic sentence;
     /// their detail goes to the log.
-    fn public_message(&self) -> String {
+    pub(super) fn public_message(&self) -> String {
         match self {
             ApiError::Engine(EngineError::Inference(_)) => {
                 "inference failed on the server; the error was logged. Try again, or with a smaller image.".into()
@@ -284,7 +284,7 @@ impl ApiError {
     }
 
     /// Seconds a client should wait before retrying, for the 503s that pass.
-    fn retry_after(&self) -> Option<u64> {
+    pub(super) fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::Engine(EngineError::QueueFull { retry_after_secs, .. }) => Some(*retry_after_secs),
             ApiError::Engine(EngineError::NotReady | EngineError::OutOfMemory(_)) => Some(5),
@@ -294,20 +294,28 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
+impl ApiError {
+    /// Logs the error as it deserves: failures at ERROR with their detail,
+    /// refusals (back-pressure included) at DEBUG.
+    pub(super) fn log(&self) {
         if matches!(
             self,
             ApiError::Engine(EngineError::QueueFull { .. } | EngineError::NotReady) | ApiError::UploadBudgetFull { .. }
         ) {
             // Back-pressure is normal operation, not a failure: the request log line shows the 503.
             tracing::debug!(code = self.code(), "request refused: busy");
-        } else if status.is_server_error() {
+        } else if self.status().is_server_error() {
             tracing::error!(code = self.code(), detail = %self, "request failed");
         } else {
             tracing::debug!(code = self.code(), detail = %self, "request refused");
         }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        self.log();
         let (code, message) = (self.code(), self.public_message());
         let body = ErrorAnswer { error: ErrorObject { code: code.into(), message: message.clone(), request_id: None } };
         let mut response = (status, Json(body)).into_response();

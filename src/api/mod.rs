@@ -78,6 +78,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The refusals due before a byte of an upload is read (our API and the v2
+    /// protocol alike): a full inference queue, then the upload memory budget,
+    /// charged the declared length (the body limit when chunked) while it is held.
+    pub fn admit_upload(&self, headers: &axum::http::HeaderMap) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.engine.check_capacity()?;
+        let declared = guard::declared_upload_bytes(headers, self.limits.max_upload_bytes);
+        self.uploads.try_admit(declared).ok_or_else(|| self.uploads.full())
+    }
+
     /// The loaded model's description, once the engine is ready.
     pub fn model_info(&self) -> Option<Arc<ModelInfo>> {
         match self.engine.status() {

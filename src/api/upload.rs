@@ -41,53 +41,60 @@ const FIELDS: [FieldName; 4] = ["left", "right", "ground_truth", "calibration"];
 /// and bodies that take longer than `timeout` to arrive (slow or stalled clients
 /// would otherwise hold a connection and its buffers for ever).
 pub async fn read_pair(request: Request, limit: usize, timeout: Duration) -> Result<UploadedPair, ApiError> {
-    tokio::time::timeout(timeout, read_pair_untimed(request, limit))
-        .await
-        .map_err(|_| ApiError::UploadTimeout { seconds: timeout.as_secs() })?
+    read_within(request, limit, timeout, read_body).await
 }
 
 /// The whole body of `request` (any content type), with the same limit,
-/// timeout and early 413 for oversized declared lengths as [`read_pair`].
+/// timeout and early 413s as [`read_pair`].
 pub async fn read_bytes(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    read_within(request, limit, timeout, |request, limit| async move {
+        axum::body::to_bytes(request.into_body(), limit).await.map_err(|e| body_error(&e, limit))
+    })
+    .await
+}
+
+/// Runs `read` on the body with what every upload gets: a declared length over
+/// the limit refused before reading anything, the timeout, and a 413 for a
+/// chunked body whose chunk lines declare more than the limit (the connection
+/// layer fails the body as soon as it sees them, whatever error that surfaces as).
+async fn read_within<T, Read, Reading>(
+    request: Request,
+    limit: usize,
+    timeout: Duration,
+    read: Read,
+) -> Result<T, ApiError>
+where
+    Read: FnOnce(Request, usize) -> Reading,
+    Reading: std::future::Future<Output = Result<T, ApiError>>,
+{
     let declared =
         request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
     let connection = request.extensions().get::<ConnectionHandle>().cloned();
-    let read = axum::body::to_bytes(request.into_body(), limit);
-    let bytes = tokio::time::timeout(timeout, read)
+    let read = tokio::time::timeout(timeout, read(request, limit))
         .await
         .map_err(|_| ApiError::UploadTimeout { seconds: timeout.as_secs() })?;
-    bytes.map_err(|e| {
-        let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if over || connection.is_some_and(|c| c.declared_oversize().is_some()) {
-            ApiError::BodyTooLarge { limit }
-        } else {
-            ApiError::InvalidJson(echo(&format!("could not read the body: {e}")))
-        }
-    })
-}
-
-async fn read_pair_untimed(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
-    // A chunked body whose chunk lines declare more than the limit fails as soon
-    // as the connection layer sees them; whatever error that surfaces as, it is a 413.
-    let connection = request.extensions().get::<ConnectionHandle>().cloned();
-    match read_body(request, limit).await {
+    match read {
         Err(_) if connection.is_some_and(|c| c.declared_oversize().is_some()) => Err(ApiError::BodyTooLarge { limit }),
         read => read,
+    }
+}
+
+/// A failed whole-body read: 413 when it went over the limit.
+fn body_error(e: &axum::Error, limit: usize) -> ApiError {
+    // to_bytes reports a length-limit breach as its source error.
+    if std::error::Error::source(e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+        ApiError::BodyTooLarge { limit }
+    } else {
+        ApiError::InvalidJson(echo(&format!("could not read the body: {e}")))
     }
 }
 
 async fn read_body(request: Request, limit: usize) -> Result<UploadedPair, ApiError> {
     let content_type =
         request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    // A declared length over the limit is refused before reading anything.
-    let declared =
-        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::BodyTooLarge { limit });
-    }
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match essence.as_str() {
         "multipart/form-data" => read_multipart(request, limit).await,
@@ -204,15 +211,7 @@ struct JsonPair {
 }
 
 async fn read_json(body: Body, limit: usize) -> Result<UploadedPair, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        // to_bytes reports a length-limit breach as its source error.
-        let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if over {
-            ApiError::BodyTooLarge { limit }
-        } else {
-            ApiError::InvalidJson(echo(&format!("could not read the body: {e}")))
-        }
-    })?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| body_error(&e, limit))?;
     let parsed: JsonPair = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(echo(&e.to_string())))?;
     if let Some(name) = parsed.other.keys().next() {
         return Err(ApiError::UnexpectedField(echo(name)));

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ErrorCodeTag};
-use super::guard::{declared_upload_bytes, decoded_pair_bytes};
+use super::guard::decoded_pair_bytes;
 use super::upload::read_bytes;
 use super::AppState;
 use crate::disparity::DisparityMap;
@@ -79,14 +79,13 @@ impl ProtocolError {
 impl From<ApiError> for ProtocolError {
     /// The shared steps' errors, with their status and public message.
     fn from(e: ApiError) -> ProtocolError {
-        let response = e.into_response();
-        let status = response.status();
-        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
-        let body = response.extensions().get::<super::request_id::ErrorBody>();
-        let (code, message) = body.map(|b| (b.code.clone(), b.message.clone())).unwrap_or_default();
-        let code =
-            super::error::ERROR_CODES.iter().map(|(c, _, _)| *c).find(|c| *c == code).unwrap_or("internal_error");
-        ProtocolError { status, code, message, retry_after }
+        e.log();
+        ProtocolError {
+            status: e.status(),
+            code: e.code(),
+            message: e.public_message(),
+            retry_after: e.retry_after().map(HeaderValue::from),
+        }
     }
 }
 
@@ -579,9 +578,7 @@ pub async fn infer(
 ) -> Result<Response, ProtocolError> {
     check_model(&path.name, path.version.as_deref())?;
     // The same admission as /api/v1/disparity, before the body is read.
-    state.engine.check_capacity().map_err(ApiError::from)?;
-    let declared = declared_upload_bytes(request.headers(), state.limits.max_upload_bytes);
-    let receiving = state.uploads.try_admit(declared).ok_or_else(|| state.uploads.full())?;
+    let receiving = state.admit_upload(request.headers())?;
     let headers = request.headers().clone();
     let body = read_bytes(request, state.limits.max_upload_bytes, state.limits.upload_timeout).await?;
 

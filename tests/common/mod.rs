@@ -17,6 +17,19 @@ use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, MemoryFormat, Pre
 use stereo_recon::{AppState, Limits};
 use tower::ServiceExt;
 
+/// A program of the set-up's venv, where `make test` installs the Python clients
+/// (`make test` exports VIRTUAL_ENV).
+pub fn venv_tool(tool: &str) -> String {
+    let venv =
+        std::env::var("VIRTUAL_ENV").expect("run under `make test`, which sets VIRTUAL_ENV to the set-up's venv");
+    format!("{venv}/bin/{tool}")
+}
+
+/// The venv's Python when there is one, else `python3` from PATH.
+pub fn venv_python() -> String {
+    std::env::var("VIRTUAL_ENV").map(|venv| format!("{venv}/bin/python")).unwrap_or_else(|_| "python3".into())
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
