@@ -9,10 +9,11 @@
 //!    still wins: on the GPU machines and in the Docker image the libraries live
 //!    elsewhere), so a binary built here runs without any environment set-up.
 //! 3. Expose the libtorch version string to the code for `/api/v1/model`.
-//! 4. Compile `src/engine/cuda_stats.cpp`, which reads the CUDA caching
-//!    allocator's statistics (C++ only, not in tch), when libtorch has CUDA and
-//!    the CUDA runtime headers sit beside it; the code then sees the cfg
-//!    `stereo_recon_cuda_stats`.
+//! 4. Compile the CUDA shims, C++ that tch does not wrap, when libtorch has
+//!    CUDA and the CUDA runtime headers sit beside it: `src/engine/cuda_stats.cpp`
+//!    (the caching allocator's statistics) and `src/engine/cuda_graph.cpp`
+//!    (CUDA graph capture and replay). The code then sees the cfg
+//!    `stereo_recon_cuda_shims`.
 
 use std::env;
 use std::fs;
@@ -20,7 +21,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo::rustc-check-cfg=cfg(stereo_recon_cuda_stats)");
+    println!("cargo::rustc-check-cfg=cfg(stereo_recon_cuda_shims)");
     if env::var_os("CARGO_FEATURE_ENGINE").is_none() {
         return; // the pure core links no libtorch
     }
@@ -34,7 +35,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
         println!("cargo:rustc-env=STEREO_RECON_LINKED_CUDA=1");
-        compile_cuda_stats(&lib);
+        compile_cuda_shims(&lib);
     } else {
         println!("cargo:rustc-env=STEREO_RECON_LINKED_CUDA=0");
     }
@@ -53,10 +54,11 @@ fn main() {
     println!("cargo:rustc-env=STEREO_RECON_LIBTORCH_VERSION={version}");
 }
 
-/// Builds the allocator-statistics shim against the headers of the libtorch in
-/// `lib/..` and the CUDA runtime headers of the wheel's `nvidia` packages.
-fn compile_cuda_stats(lib: &std::path::Path) {
+/// Builds the CUDA shims against the headers of the libtorch in `lib/..` and
+/// the CUDA runtime headers of the wheel's `nvidia` packages.
+fn compile_cuda_shims(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/engine/cuda_stats.cpp");
+    println!("cargo:rerun-if-changed=src/engine/cuda_graph.cpp");
     let torch = lib.parent().expect("libtorch lib folder has a parent");
     let include = torch.join("include");
     // A complete set of CUDA runtime headers from the wheel's dependencies:
@@ -68,18 +70,23 @@ fn compile_cuda_stats(lib: &std::path::Path) {
         .chain(std::iter::once(site_packages.join("triton/backends/nvidia/include")))
         .find(|p| p.join("cuda_runtime_api.h").is_file() && p.join("crt/host_config.h").is_file());
     let (Some(cuda_include), true) = (cuda_include, include.join("c10/cuda/CUDACachingAllocator.h").is_file()) else {
-        println!("cargo:warning=CUDA runtime headers not found beside libtorch: /metrics will not report CUDA allocator memory");
+        println!(
+            "cargo:warning=CUDA runtime headers not found beside libtorch: no CUDA allocator metrics, no CUDA graphs"
+        );
         return;
     };
     cc::Build::new()
         .cpp(true)
         .std("c++17")
         .file("src/engine/cuda_stats.cpp")
+        .file("src/engine/cuda_graph.cpp")
         .include(&include)
         .include(&cuda_include)
         .warnings(false)
-        .compile("stereo_recon_cuda_stats");
+        .compile("stereo_recon_cuda_shims");
+    println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=c10");
-    println!("cargo:rustc-cfg=stereo_recon_cuda_stats");
+    println!("cargo:rustc-cfg=stereo_recon_cuda_shims");
 }

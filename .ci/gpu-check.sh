@@ -17,7 +17,8 @@
 # Also runs on a CPU machine (DEVICE=cpu), which is how it was tested.
 #
 # env: OUT (default target/gpu-check), DEVICE (default cuda), PORT (default 5091),
-#      REQUESTS (timed requests per format, default 10)
+#      REQUESTS (timed requests per format, default 10), BINARY (the server, default
+#      target/release/stereo-recon), MODEL (default models/psmnet_kitti2015.pt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-target/gpu-check}"
@@ -25,19 +26,20 @@ device="${DEVICE:-cuda}"
 port="${PORT:-5091}"
 requests="${REQUESTS:-10}"
 mkdir -p "$out"
-binary=target/release/stereo-recon
+binary="${BINARY:-target/release/stereo-recon}"
+model="${MODEL:-models/psmnet_kitti2015.pt}"
 [[ -x "$binary" ]] || { echo "gpu-check: $binary missing (cargo build --release here, then carry it)" >&2; exit 1; }
 
 torch_lib="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 pair=data/synthetic
-for shared in ../shared/stereo/kitti_000001 shared/stereo/kitti_000001; do
+for shared in ../shared/stereo/kitti_000001 shared/stereo/kitti_000001 target/gpu-bundle/shared/stereo/kitti_000001; do
     [[ -f "$shared/left.png" ]] && pair="$shared" && break
 done
 echo "pair: $pair  device: $device  torch lib: $torch_lib" | tee "$out/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$out/summary.txt" 2>/dev/null || true
 
-"$binary" serve --host 127.0.0.1 --port "$port" --device "$device" --warm-sizes 1242x375 \
+"$binary" serve --host 127.0.0.1 --port "$port" --device "$device" --warm-sizes 1242x375 --model "$model" \
     >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
@@ -51,7 +53,7 @@ python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print("model:", m["
     "$out/model.json" | tee -a "$out/summary.txt"
 
 # Timed requests: the Server-Timing phases of each, then medians.
-for format in pfm json; do
+for format in pfm png16 json; do
     : >"$out/timing-$format.txt"
     for i in $(seq 0 "$requests"); do
         curl -s -o /dev/null -D - -w 'client_ms %{time_total}\n' \
@@ -64,7 +66,7 @@ done
 python3 - "$out" >>"$out/summary.txt" <<'EOF'
 import re, statistics, sys
 out = sys.argv[1]
-for fmt in ("pfm", "json"):
+for fmt in ("pfm", "png16", "json"):
     rows = [l for l in open(f"{out}/timing-{fmt}.txt") if l.strip()][1:]  # the first pays cold start
     phases = {}
     for row in rows:

@@ -266,7 +266,7 @@ async fn encode_response(
     started: Instant,
     decode: Duration,
 ) -> Result<Response, ApiError> {
-    let Prediction { disparity: map, queue, inference } = prediction;
+    let Prediction { disparity: map, queue, inference, .. } = prediction;
     let encode_started = Instant::now();
     let (headers, body, timings) = tokio::task::spawn_blocking(move || {
         let Answer { body, stats, evaluation, depth_units } = encode_answer(&context, &map);

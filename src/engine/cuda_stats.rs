@@ -11,7 +11,7 @@ pub struct CudaMemory {
     pub peak_allocated_bytes: u64,
 }
 
-#[cfg(stereo_recon_cuda_stats)]
+#[cfg(stereo_recon_cuda_shims)]
 mod ffi {
     extern "C" {
         pub fn stereo_recon_cuda_allocated_bytes(device: i32, current: *mut i64, peak: *mut i64) -> i32;
@@ -21,7 +21,7 @@ mod ffi {
 /// The figures for CUDA device `index`; `None` when they cannot be had (no
 /// CUDA in this build, no such device, allocator not in use yet).
 pub fn read(index: usize) -> Option<CudaMemory> {
-    #[cfg(stereo_recon_cuda_stats)]
+    #[cfg(stereo_recon_cuda_shims)]
     {
         let (mut current, mut peak) = (0i64, 0i64);
         // SAFETY: the function only writes the two integers we pass and catches every C++ exception.
@@ -29,7 +29,7 @@ pub fn read(index: usize) -> Option<CudaMemory> {
         (status == 0)
             .then(|| CudaMemory { allocated_bytes: current.max(0) as u64, peak_allocated_bytes: peak.max(0) as u64 })
     }
-    #[cfg(not(stereo_recon_cuda_stats))]
+    #[cfg(not(stereo_recon_cuda_shims))]
     {
         let _ = index;
         None
@@ -37,7 +37,7 @@ pub fn read(index: usize) -> Option<CudaMemory> {
 }
 
 /// Whether this build can read the allocator at all.
-pub const AVAILABLE: bool = cfg!(stereo_recon_cuda_stats);
+pub const AVAILABLE: bool = cfg!(stereo_recon_cuda_shims);
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,9 @@
 //! This module knows nothing of HTTP: the API layer maps [`EngineError`] to
 //! status codes.
 
+pub mod cuda_graph;
 pub mod cuda_stats;
+mod graphs;
 mod model;
 pub mod tensors;
 
@@ -47,6 +49,13 @@ pub struct EngineConfig {
     pub precision: Precision,
     /// Input sizes to run once before reporting ready (besides the smallest).
     pub warm_sizes: Vec<ImageSize>,
+    /// On CUDA: how many input shapes keep a recorded CUDA graph of the
+    /// forward pass (replayed instead of launching every kernel); 0 turns
+    /// graphs off.
+    pub cuda_graphs: usize,
+    /// On CUDA: copy through page-locked host buffers (asynchronous DMA)
+    /// instead of pageable memory. Off only to measure what it gives.
+    pub pinned_staging: bool,
     /// Test hook for failure paths; `None` in production.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -97,6 +106,21 @@ pub struct Prediction {
     pub queue: Duration,
     /// Preprocessing, forward pass, copy back and crop, on the engine thread.
     pub inference: Duration,
+    /// `inference` in its parts.
+    pub phases: InferencePhases,
+}
+
+/// Where an inference's time went on the engine thread. On CUDA the copies
+/// up are asynchronous, so `upload` is the CPU's part (into the pinned
+/// buffers, and the kernels queued); the GPU's part of it is in `forward`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InferencePhases {
+    /// Inputs to the device: copy up, normalise, pad, cast.
+    pub upload: Duration,
+    /// The network, waited for.
+    pub forward: Duration,
+    /// Crop on the device, copy back.
+    pub download: Duration,
 }
 
 /// What the loaded model is, for `/api/v1/model` and the page.

@@ -1,5 +1,6 @@
 //! The TorchScript PSMNet on its device, and the engine thread's loop.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -14,8 +15,13 @@ use tch::{CModule, Device, Kind, Tensor};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::tensors::{cropped_output, Normaliser};
-use super::{EngineConfig, EngineError, EngineStatus, Fault, FaultInjector, Job, ModelInfo, Prediction, StereoPair};
+use super::cuda_graph::{self, CudaGraph};
+use super::graphs::{GraphCache, Plan, RecordedForward, EAGER_RUNS_BEFORE_RECORDING};
+use super::tensors::{cropped_output, cropped_output_pinned, Normaliser, PinnedStaging};
+use super::{
+    EngineConfig, EngineError, EngineStatus, Fault, FaultInjector, InferencePhases, Job, ModelInfo, Prediction,
+    StereoPair,
+};
 use crate::disparity::DisparityMap;
 use crate::preprocess::PadRule;
 
@@ -75,8 +81,9 @@ impl DeviceChoice {
 /// How convolution weights are laid out in memory, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryFormat {
-    /// Channels-last on CPU (measured about 20 % faster there with oneDNN);
-    /// contiguous on CUDA until measured on a GPU.
+    /// Channels-last everywhere: about 20 % faster on the CPU with oneDNN, and
+    /// on CUDA cuDNN's fp16 3D convolutions run NDHWC without reorders
+    /// (measured on an H100 at KITTI size, see README Performance).
     Auto,
     Contiguous,
     /// NHWC / NDHWC weights, so oneDNN and cuDNN can skip layout reorders.
@@ -99,8 +106,7 @@ impl FromStr for MemoryFormat {
 impl MemoryFormat {
     fn resolve(self, device: Device) -> MemoryFormat {
         match (self, device) {
-            (MemoryFormat::Auto, Device::Cpu) => MemoryFormat::ChannelsLast,
-            (MemoryFormat::Auto, _) => MemoryFormat::Contiguous,
+            (MemoryFormat::Auto, _) => MemoryFormat::ChannelsLast,
             (chosen, _) => chosen,
         }
     }
@@ -121,7 +127,9 @@ impl MemoryFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     /// fp32 on the CPU (bf16 measured no faster there: 8.4 s vs 8.1 s at KITTI
-    /// size); fp32 on CUDA until the GPU benchmark has measured the others.
+    /// size); fp16 on CUDA, where tensor cores make it the fastest and its
+    /// end-point error stays within 0.01 px of fp32's on every shared pair
+    /// (bf16, as fast, does not: 8 bits of mantissa; see README Performance).
     Auto,
     Fp32,
     /// bfloat16: fp32's range, 8 bits of mantissa. Runs on CPU and CUDA.
@@ -160,7 +168,8 @@ impl Precision {
     /// The concrete precision on `device`, or why it cannot run there.
     fn resolve(self, device: Device) -> Result<Precision, String> {
         match (self, device) {
-            (Precision::Auto, _) => Ok(Precision::Fp32),
+            (Precision::Auto, Device::Cpu) => Ok(Precision::Fp32),
+            (Precision::Auto, _) => Ok(Precision::Fp16),
             (Precision::Fp16, Device::Cpu) => {
                 Err("precision fp16 is refused on the CPU: libtorch has no fast fp16 kernels there (one 256x256 \
                  pass took over 25 times as long as in fp32); use bf16 or fp32, or run on CUDA"
@@ -328,7 +337,15 @@ struct StereoModel {
     rule: PadRule,
     normaliser: Normaliser,
     info: ModelInfo,
+    /// Page-locked host buffers for the last image size (CUDA with
+    /// `pinned_staging` only; `None` until the first request).
+    staging: Option<RefCell<Option<PinnedStaging>>>,
+    /// Recorded forward passes per input shape (CUDA with `cuda_graphs > 0` only).
+    graphs: Option<RefCell<GraphCache>>,
 }
+
+/// A disparity map and where the engine's time went.
+type Timed = (DisparityMap, InferencePhases);
 
 impl StereoModel {
     fn load(config: &EngineConfig) -> Result<Self, String> {
@@ -390,20 +407,65 @@ impl StereoModel {
             min_size: meta.min_size,
         };
         let normaliser = Normaliser::new(device).map_err(|e| format!("preparing the input statistics: {e}"))?;
-        Ok(StereoModel { module, device, kind: precision.kind(), rule: PadRule::PSMNET, normaliser, info })
+        let staging = (device.is_cuda() && config.pinned_staging).then(|| RefCell::new(None));
+        let graphs = (device.is_cuda() && config.cuda_graphs > 0 && cuda_graph::AVAILABLE)
+            .then(|| RefCell::new(GraphCache::new(config.cuda_graphs)));
+        if device.is_cuda() && config.cuda_graphs > 0 && !cuda_graph::AVAILABLE {
+            warn!("CUDA graphs were asked for but this build has no CUDA graph support; running eagerly");
+        }
+        Ok(StereoModel { module, device, kind: precision.kind(), rule: PadRule::PSMNET, normaliser, info, staging, graphs })
     }
 
     /// Disparity of `pair`'s left image. Every libtorch call is the fallible
     /// variant, so a failure becomes an error for this request only.
-    fn predict(&self, pair: &StereoPair) -> Result<DisparityMap, EngineError> {
+    fn predict(&self, pair: &StereoPair) -> Result<Timed, EngineError> {
+        let result = self.predict_timed(pair);
+        if result.is_err() {
+            // Nothing may still be copying from the pinned buffers when the next request writes them.
+            self.synchronize();
+        }
+        result
+    }
+
+    fn predict_timed(&self, pair: &StereoPair) -> Result<Timed, EngineError> {
         let _no_grad = tch::no_grad_guard();
+        let started = Instant::now();
         let (width, height) = pair.dimensions();
         let geometry = self.rule.geometry(width, height);
-        let input = |image| self.normaliser.input(image, &geometry)?.f_to_kind(self.kind);
-        let left = input(pair.left()).map_err(torch_error)?;
-        let right = input(pair.right()).map_err(torch_error)?;
-        let output = self.module.forward_ts(&[left, right]).map_err(torch_error)?;
-        let values = cropped_output(&output, &geometry).map_err(torch_error)?.ok_or_else(|| {
+        let mut staging = match &self.staging {
+            Some(cell) => Some(cell.try_borrow_mut().map_err(|_| EngineError::Inference("staging in use".into()))?),
+            None => None,
+        };
+        if let Some(slot) = staging.as_deref_mut() {
+            if !slot.as_ref().is_some_and(|s| s.fits(&geometry)) {
+                *slot = None; // unpin the old buffers before pinning new ones
+                *slot = Some(PinnedStaging::new(&geometry, self.device).map_err(torch_error)?);
+            }
+        }
+        let pinned = staging.as_deref().and_then(Option::as_ref);
+        if let Some(buffers) = pinned {
+            buffers.write(pair.left(), pair.right()).map_err(torch_error)?;
+        }
+        let input = |image, buffer: Option<&Tensor>| {
+            match buffer {
+                Some(buffer) => self.normaliser.input_pinned(buffer, &geometry),
+                None => self.normaliser.input(image, &geometry),
+            }?
+            .f_to_kind(self.kind)
+        };
+        let left = input(pair.left(), pinned.map(|p| &p.left)).map_err(torch_error)?;
+        let right = input(pair.right(), pinned.map(|p| &p.right)).map_err(torch_error)?;
+        let uploaded = Instant::now();
+        let output = self.forward(&left, &right)?;
+        // Waiting here only moves the wait the copy back would do; it splits the phases.
+        self.synchronize();
+        let forwarded = Instant::now();
+        let values = match pinned {
+            Some(p) => cropped_output_pinned(&output, &geometry, &p.output),
+            None => cropped_output(&output, &geometry),
+        }
+        .map_err(torch_error)?
+        .ok_or_else(|| {
             EngineError::Inference(format!(
                 "network returned {} values for a {}x{} input",
                 output.numel(),
@@ -411,7 +473,74 @@ impl StereoModel {
                 geometry.padded_height
             ))
         })?;
-        Ok(DisparityMap::new(width, height, values).expect("crop yields one value per pixel"))
+        let phases = InferencePhases {
+            upload: uploaded - started,
+            forward: forwarded - uploaded,
+            download: forwarded.elapsed(),
+        };
+        Ok((DisparityMap::new(width, height, values).expect("crop yields one value per pixel"), phases))
+    }
+
+    /// The network's output for two prepared inputs: a recorded CUDA graph's
+    /// replay where the shape has one, else the TorchScript module (recording
+    /// the shape when it is due).
+    fn forward(&self, left: &Tensor, right: &Tensor) -> Result<Tensor, EngineError> {
+        let eager = || self.module.forward_ts(&[left, right]).map_err(torch_error);
+        let (Some(cell), Device::Cuda(index)) = (&self.graphs, self.device) else { return eager() };
+        let mut graphs = cell.try_borrow_mut().map_err(|_| EngineError::Inference("graph cache in use".into()))?;
+        let shape = (left.size()[2], left.size()[3]);
+        match graphs.plan(shape) {
+            Plan::Eager => return eager(),
+            Plan::Replay => {}
+            Plan::Record { evict } => {
+                if let Some(old) = evict {
+                    graphs.evict(old);
+                    debug!(?old, "dropped the least recently used CUDA graph");
+                }
+                let started = Instant::now();
+                match self.record(index, left, right) {
+                    Ok(recorded) => {
+                        graphs.insert(shape, recorded);
+                        let recorded = graphs.shapes();
+                        info!(?shape, ?recorded, elapsed_ms = started.elapsed().as_millis() as u64, "CUDA graph recorded");
+                    }
+                    Err(why) => {
+                        warn!(?shape, %why, "recording a CUDA graph failed; this shape runs eagerly");
+                        graphs.mark_failed(shape);
+                        cuda_graph::empty_cache();
+                        return eager();
+                    }
+                }
+                // The eager passes' blocks are not needed beside the graph's own pool.
+                cuda_graph::empty_cache();
+            }
+        }
+        let recorded = graphs.get(shape).ok_or_else(|| EngineError::Inference("recorded graph missing".into()))?;
+        recorded.left.shallow_clone().f_copy_(left).map_err(torch_error)?;
+        recorded.right.shallow_clone().f_copy_(right).map_err(torch_error)?;
+        recorded.graph.replay().map_err(EngineError::Inference)?;
+        Ok(recorded.output.shallow_clone())
+    }
+
+    /// Records one forward pass reading fixed input tensors (made here, outside
+    /// the recording, so they stay valid for every replay).
+    fn record(&self, index: usize, left: &Tensor, right: &Tensor) -> Result<RecordedForward, String> {
+        let fixed = |t: &Tensor| -> Result<Tensor, tch::TchError> {
+            let mut copy = t.f_empty_like()?;
+            copy.f_copy_(t)?;
+            Ok(copy)
+        };
+        let (left, right) = (fixed(left).map_err(|e| e.to_string())?, fixed(right).map_err(|e| e.to_string())?);
+        let (graph, output) = CudaGraph::record(index, || self.module.forward_ts(&[&left, &right]))?;
+        Ok(RecordedForward { left, right, output, graph })
+    }
+
+    /// Waits for the model's CUDA device (nothing on the CPU).
+    fn synchronize(&self) {
+        if let Device::Cuda(index) = self.device {
+            // tch panics on a CUDA error here; the engine loop turns a panic into this request's error.
+            tch::Cuda::synchronize(index as i64);
+        }
     }
 }
 
@@ -452,7 +581,7 @@ impl StereoModel {
     }
 
     /// `predict`, or the failure a test armed for this inference.
-    fn predict_or_fault(&self, pair: &StereoPair, faults: Option<&FaultInjector>) -> Result<DisparityMap, EngineError> {
+    fn predict_or_fault(&self, pair: &StereoPair, faults: Option<&FaultInjector>) -> Result<Timed, EngineError> {
         match faults.and_then(FaultInjector::next) {
             None => self.predict(pair),
             Some(Fault::TorchError) => {
@@ -480,10 +609,15 @@ fn warm_up(model: &StereoModel, sizes: &[ImageSize], shared: &EngineShared) -> R
         let started = Instant::now();
         let blank = image::Rgb32FImage::new(size.width, size.height);
         let pair = StereoPair::new(blank.clone(), blank).expect("same size");
-        match catch_unwind(AssertUnwindSafe(|| model.predict(&pair))) {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("warm-up inference at {size} failed: {e}")),
-            Err(_) => return Err(format!("warm-up inference at {size} panicked")),
+        // On CUDA the asked-for sizes run until they replay a recorded graph (or,
+        // without graphs, until the profiling executor's optimised pass has run).
+        let passes = if i > 0 && model.device.is_cuda() { EAGER_RUNS_BEFORE_RECORDING + 1 } else { 1 };
+        for _ in 0..passes {
+            match catch_unwind(AssertUnwindSafe(|| model.predict(&pair))) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("warm-up inference at {size} failed: {e}")),
+                Err(_) => return Err(format!("warm-up inference at {size} panicked")),
+            }
         }
         let ms = started.elapsed().as_millis() as u64;
         if i == 0 {
@@ -555,7 +689,7 @@ pub(super) fn run_engine(
         shared.pace.finish();
         model.record_cuda_memory(&shared);
         // The receiver may have gone while we ran; nothing to do then.
-        let _ = job.reply.send(result.map(|disparity| Prediction { disparity, queue, inference }));
+        let _ = job.reply.send(result.map(|(disparity, phases)| Prediction { disparity, queue, inference, phases }));
     }
     debug!("all engine handles dropped; engine thread exits");
 }
@@ -580,7 +714,7 @@ mod tests {
         assert_eq!("BF16".parse(), Ok(Precision::Bf16));
         assert_eq!("half".parse(), Ok(Precision::Fp16));
         assert_eq!(Precision::Auto.resolve(Device::Cpu), Ok(Precision::Fp32));
-        assert_eq!(Precision::Auto.resolve(Device::Cuda(0)), Ok(Precision::Fp32));
+        assert_eq!(Precision::Auto.resolve(Device::Cuda(0)), Ok(Precision::Fp16));
         assert!(Precision::Fp16.resolve(Device::Cpu).unwrap_err().contains("bf16"));
         assert_eq!(Precision::Fp16.resolve(Device::Cuda(0)), Ok(Precision::Fp16));
         assert!("fp8".parse::<Precision>().is_err());
@@ -592,12 +726,12 @@ mod tests {
     }
 
     #[test]
-    fn memory_format_auto_means_channels_last_on_cpu_only() {
+    fn memory_format_auto_means_channels_last() {
         assert_eq!("channels-last".parse(), Ok(MemoryFormat::ChannelsLast));
         assert_eq!("CONTIGUOUS".parse(), Ok(MemoryFormat::Contiguous));
         assert!("nchwc".parse::<MemoryFormat>().is_err());
         assert_eq!(MemoryFormat::Auto.resolve(Device::Cpu), MemoryFormat::ChannelsLast);
-        assert_eq!(MemoryFormat::Auto.resolve(Device::Cuda(0)), MemoryFormat::Contiguous);
+        assert_eq!(MemoryFormat::Auto.resolve(Device::Cuda(0)), MemoryFormat::ChannelsLast);
         assert_eq!(MemoryFormat::Contiguous.resolve(Device::Cpu), MemoryFormat::Contiguous);
     }
 }

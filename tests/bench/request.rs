@@ -315,6 +315,8 @@ fn main() {
             memory_format: MemoryFormat::Auto,
             precision: Precision::Auto,
             warm_sizes: Vec::new(),
+            cuda_graphs: 0,
+            pinned_staging: true,
             faults: None,
         };
         let engine = Engine::start(config).expect("engine thread");

@@ -4,7 +4,16 @@
 //!
 //! `cargo bench --bench speed -- --device cpu --size 256x512 --iters 5
 //!  --left L.png --right R.png [--server-bin PATH] [--clients 1,4,16]
-//!  [--requests-per-client 2] [--json OUT]`
+//!  [--requests-per-client 2] [--server-args "--precision fp16 ..."]
+//!  [--variants "precision=fp32,graphs=0,pinned=off;precision=fp16"] [--json OUT]`
+//!
+//! (c) runs the engine as `serve` configures it by default. `--variants` adds
+//! an A/B of engine configurations in the same run: every variant is loaded
+//! at once and their timed passes are interleaved round by round, so a slow
+//! spell of the machine hits all of them alike. Keys: precision, memory
+//! (contiguous, channels-last, auto), graphs (shapes kept, 0 = off), pinned
+//! (on, off); unnamed keys keep the default. Each variant's disparity is
+//! compared with the first variant of the same precision (max |difference|).
 //!
 //! Prints one JSON document (also written to `--json`). Memory: peak RSS from
 //! /proc on CPU; on CUDA, the process's peak GPU memory sampled with
@@ -23,7 +32,8 @@ use std::time::{Duration, Instant};
 use loadgen::{multipart, ServerProcess};
 use serde_json::json;
 use stereo_recon::decode::decode_rgb;
-use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, Precision, StereoPair};
+use stereo_recon::config::Cli;
+use stereo_recon::engine::{Engine, EngineConfig, Prediction, StereoPair};
 
 struct Options {
     device: String,
@@ -37,6 +47,8 @@ struct Options {
     clients: Vec<usize>,
     requests_per_client: usize,
     memory_format: String,
+    server_args: Vec<String>,
+    variants: Vec<String>,
     json: Option<PathBuf>,
 }
 
@@ -55,6 +67,8 @@ fn options() -> Options {
         clients: vec![1, 4, 16],
         requests_per_client: 2,
         memory_format: "auto".into(),
+        server_args: Vec::new(),
+        variants: Vec::new(),
         json: None,
     };
     let mut args = std::env::args().skip(1);
@@ -72,10 +86,17 @@ fn options() -> Options {
             "--right" => o.right = value().into(),
             "--model" => o.model = value().into(),
             "--server-bin" => o.server_bin = value().into(),
-            "--clients" => o.clients = value().split(',').map(|c| c.parse().expect("--clients 1,4,16")).collect(),
+            "--clients" => {
+                // An empty list skips the HTTP part.
+                o.clients = value().split(',').filter(|c| !c.is_empty()).map(|c| c.parse().expect("--clients 1,4,16")).collect()
+            }
             "--requests-per-client" => o.requests_per_client = value().parse().expect("N"),
             "--json" => o.json = Some(value().into()),
             "--memory-format" => o.memory_format = value(),
+            "--server-args" => o.server_args = value().split_whitespace().map(String::from).collect(),
+            "--variants" => {
+                o.variants = value().split(';').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect()
+            }
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -156,49 +177,156 @@ fn load_pair(o: &Options) -> (Vec<u8>, Vec<u8>) {
 fn main() {
     let o = options();
     let gpu = o.device.starts_with("cuda");
-    let device: DeviceChoice = o.device.parse().expect("--device");
     let (left_png, right_png) = load_pair(&o);
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
-    // (c) The engine alone: decoded pair in, disparity out, no HTTP.
+    // (c) The engine alone: decoded pair in, disparity out, no HTTP, as `serve` configures it.
+    let pair = StereoPair::new(decode_rgb(&left_png, u64::MAX).unwrap(), decode_rgb(&right_png, u64::MAX).unwrap())
+        .unwrap();
     let engine_result = runtime.block_on(async {
-        let config = EngineConfig {
-            model_path: o.model.clone(),
-            device,
-            queue_depth: 1,
-            threads: 0,
-            memory_format: o.memory_format.parse().expect("--memory-format"),
-            precision: Precision::Auto,
-            warm_sizes: Vec::new(),
-            faults: None,
-        };
-        let engine = Engine::start(config).unwrap();
+        let engine = Engine::start(engine_config(&o, "")).unwrap();
         let info = engine.wait_ready().await.expect("model loads");
-        let pair = StereoPair::new(decode_rgb(&left_png, u64::MAX).unwrap(), decode_rgb(&right_png, u64::MAX).unwrap())
-            .unwrap();
-        // Two untimed passes at this size, as models/bench.py does for (a) and (b): cuDNN
-        // autotuning and allocator growth, then TorchScript's profiling executor optimising.
-        for _ in 0..2 {
+        // Untimed passes at this size, as models/bench.py does for (a) and (b): cuDNN
+        // autotuning and allocator growth, TorchScript's profiling executor optimising,
+        // then (on CUDA) recording the shape's graph.
+        for _ in 0..3 {
             engine.predict(pair.clone()).await.unwrap();
         }
         let watch = MemoryWatch::start(std::process::id(), gpu);
-        let (mut total, mut inference) = (Vec::new(), Vec::new());
+        let (mut total, mut inference, mut phases) = (Vec::new(), Vec::new(), Phases::default());
         for _ in 0..o.iters {
             let started = Instant::now();
             let prediction = engine.predict(pair.clone()).await.unwrap();
             total.push(started.elapsed().as_secs_f64() * 1000.0);
             inference.push(prediction.inference.as_secs_f64() * 1000.0);
+            phases.push(&prediction);
         }
         let peak = watch.stop();
-        json!({ "device": info.device, "latency_ms": stats_ms(total), "engine_thread_ms": stats_ms(inference),
+        json!({ "device": info.device, "precision": info.precision, "memory_format": info.memory_format,
+                "latency_ms": stats_ms(total), "engine_thread_ms": stats_ms(inference), "phases_ms": phases.json(),
                 "peak_memory_mib": peak, "memory_kind": if gpu { "gpu" } else { "rss" } })
     });
+    let variants = (!o.variants.is_empty()).then(|| runtime.block_on(engine_variants(&o, &pair)));
 
-    // (d) The whole HTTP path against the real server binary.
+    // (d) The whole HTTP path against the real server binary (skipped with `--clients ""`).
+    let http = if o.clients.is_empty() { Vec::new() } else { http_rows(&o, &runtime, left_png, right_png, gpu) };
+
+    let result = json!({
+        "size": [o.height, o.width],
+        "device": o.device,
+        "iters": o.iters,
+        "rust_engine": engine_result,
+        "engine_variants": variants,
+        "http": http,
+    });
+    let text = serde_json::to_string_pretty(&result).unwrap();
+    if let Some(path) = &o.json {
+        std::fs::write(path, format!("{text}\n")).unwrap();
+    }
+    println!("{text}");
+}
+
+/// The engine configuration `serve` would use with these options, then the
+/// variant's changes (`key=value` pairs, comma-separated).
+fn engine_config(o: &Options, variant: &str) -> EngineConfig {
+    // Flag and value pairs; a later setting of a flag replaces an earlier one.
+    let mut flags: Vec<(String, String)> = vec![
+        ("--device".into(), o.device.clone()),
+        ("--memory-format".into(), o.memory_format.clone()),
+        ("--model".into(), o.model.display().to_string()),
+    ];
+    let mut set = |flag: &str, value: &str| match flags.iter_mut().find(|(f, _)| f == flag) {
+        Some(entry) => entry.1 = value.to_owned(),
+        None => flags.push((flag.to_owned(), value.to_owned())),
+    };
+    for pair in o.server_args.chunks(2) {
+        set(&pair[0], pair.get(1).map(String::as_str).unwrap_or_default());
+    }
+    let mut pinned = true;
+    for setting in variant.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (key, value) = setting.split_once('=').unwrap_or_else(|| panic!("variant setting {setting}: key=value"));
+        match key {
+            "precision" => set("--precision", value),
+            "memory" => set("--memory-format", value),
+            "graphs" => set("--cuda-graphs", value),
+            "pinned" => pinned = matches!(value, "on" | "true" | "1"),
+            other => panic!("unknown variant key {other}"),
+        }
+    }
+    let args: Vec<String> =
+        ["stereo-recon", "serve"].map(String::from).into_iter().chain(flags.into_iter().flat_map(|(f, v)| [f, v])).collect();
+    let Cli { command: stereo_recon::config::Command::Serve(config), .. } =
+        <Cli as clap::Parser>::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    else {
+        unreachable!("parsed as serve")
+    };
+    EngineConfig { pinned_staging: pinned, ..config.model.engine_config(1) }
+}
+
+/// Per-phase times of the engine thread (upload, forward, download), in ms.
+#[derive(Default)]
+struct Phases {
+    upload: Vec<f64>,
+    forward: Vec<f64>,
+    download: Vec<f64>,
+}
+
+impl Phases {
+    fn push(&mut self, prediction: &Prediction) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        self.upload.push(ms(prediction.phases.upload));
+        self.forward.push(ms(prediction.phases.forward));
+        self.download.push(ms(prediction.phases.download));
+    }
+
+    fn json(self) -> serde_json::Value {
+        json!({ "upload": stats_ms(self.upload), "forward": stats_ms(self.forward), "download": stats_ms(self.download) })
+    }
+}
+
+/// The A/B of `--variants`: all loaded at once, timed passes interleaved.
+async fn engine_variants(o: &Options, pair: &StereoPair) -> serde_json::Value {
+    let mut engines = Vec::new();
+    for variant in &o.variants {
+        let engine = Engine::start(engine_config(o, variant)).unwrap();
+        let info = engine.wait_ready().await.unwrap_or_else(|e| panic!("variant {variant}: {e}"));
+        for _ in 0..3 {
+            engine.predict(pair.clone()).await.unwrap();
+        }
+        let first = engine.predict(pair.clone()).await.unwrap().disparity;
+        engines.push((variant, info, engine, first, Vec::new(), Phases::default()));
+    }
+    for _ in 0..o.iters {
+        for (_, _, engine, _, total, phases) in engines.iter_mut() {
+            let started = Instant::now();
+            let prediction = engine.predict(pair.clone()).await.unwrap();
+            total.push(started.elapsed().as_secs_f64() * 1000.0);
+            phases.push(&prediction);
+        }
+    }
+    let firsts: Vec<(String, String, Vec<f32>)> =
+        engines.iter().map(|e| (e.0.clone(), e.1.precision.clone(), e.3.values().to_vec())).collect();
+    let mut rows = Vec::new();
+    for (variant, info, _, first, total, phases) in engines {
+        // The first variant of the same precision (itself when it is the first).
+        let (reference, _, values) = firsts.iter().find(|f| f.1 == info.precision).expect("itself at least");
+        let max_diff = first.values().iter().zip(values).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        rows.push(json!({
+            "variant": variant, "precision": info.precision, "memory_format": info.memory_format,
+            "latency_ms": stats_ms(total), "phases_ms": phases.json(),
+            "max_abs_diff_px_vs": reference, "max_abs_diff_px": max_diff,
+        }));
+    }
+    serde_json::Value::Array(rows)
+}
+
+/// (d): the server binary under 1, 4 and 16 concurrent clients (`--clients`).
+fn http_rows(o: &Options, runtime: &tokio::runtime::Runtime, left_png: Vec<u8>, right_png: Vec<u8>, gpu: bool) -> Vec<serde_json::Value> {
     let args: Vec<String> = ["--device", &o.device, "--queue-depth", "64", "--memory-format", &o.memory_format]
         .map(String::from)
         .into_iter()
         .chain(["--model".into(), o.model.display().to_string()])
+        .chain(o.server_args.iter().cloned())
         .collect();
     let mut server = ServerProcess::start(&o.server_bin, &args, Path::new("."));
     let address = server.address;
@@ -223,8 +351,9 @@ fn main() {
         assert!(Instant::now() < ready_by, "server not ready");
         std::thread::sleep(Duration::from_millis(500));
     }
-    // A second untimed request, as for the engine above (the profiling executor's pass).
-    assert_eq!(load(1, 1).count(200), 1, "warm-up request failed");
+    // Two more untimed requests, as for the engine above (the profiling executor's pass,
+    // then recording the shape's CUDA graph).
+    assert_eq!(load(1, 2).count(200), 2, "warm-up requests failed");
     let mut http = Vec::new();
     for &clients in &o.clients {
         let watch = MemoryWatch::start(server.pid(), gpu);
@@ -243,16 +372,5 @@ fn main() {
     let exit = server.terminate(Duration::from_secs(60));
     assert!(exit.success(), "server exit {exit}");
 
-    let result = json!({
-        "size": [o.height, o.width],
-        "device": o.device,
-        "iters": o.iters,
-        "rust_engine": engine_result,
-        "http": http,
-    });
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    if let Some(path) = &o.json {
-        std::fs::write(path, format!("{text}\n")).unwrap();
-    }
-    println!("{text}");
+    http
 }

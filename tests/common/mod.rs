@@ -52,6 +52,8 @@ pub fn engine_config(model_path: PathBuf, queue_depth: usize) -> EngineConfig {
         memory_format: MemoryFormat::Auto,
         precision: Precision::Auto,
         warm_sizes: Vec::new(),
+        cuda_graphs: 0,
+        pinned_staging: true,
         faults: None,
     }
 }
