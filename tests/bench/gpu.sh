@@ -71,6 +71,9 @@ for line in sys.stdin:
         mkdir -p "$bundle/shared"
         cp -r ../shared/stereo "$bundle/shared/"
     fi
+    # The device's checkout may not know this commit: say here what was built.
+    echo "$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo ' + uncommitted changes')" \
+        >"$bundle/COMMIT"
     local tree bundled
     tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
     bundled=$(du -sb "$bundle" | cut -f1)
@@ -114,7 +117,7 @@ run_device() {
         date -u +"date: %Y-%m-%dT%H:%M:%SZ"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
         python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
-        echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        echo "built from commit: $(cat "$bundle/COMMIT" 2>/dev/null || echo unknown)"
     } | tee "$out/summary.md"
     for stage in $stages; do
         echo "== $stage ($(date -u +%H:%M:%S)) ==" >&2
