@@ -413,7 +413,16 @@ impl StereoModel {
         if device.is_cuda() && config.cuda_graphs > 0 && !cuda_graph::AVAILABLE {
             warn!("CUDA graphs were asked for but this build has no CUDA graph support; running eagerly");
         }
-        Ok(StereoModel { module, device, kind: precision.kind(), rule: PadRule::PSMNET, normaliser, info, staging, graphs })
+        Ok(StereoModel {
+            module,
+            device,
+            kind: precision.kind(),
+            rule: PadRule::PSMNET,
+            normaliser,
+            info,
+            staging,
+            graphs,
+        })
     }
 
     /// Disparity of `pair`'s left image. Every libtorch call is the fallible
@@ -502,7 +511,12 @@ impl StereoModel {
                     Ok(recorded) => {
                         graphs.insert(shape, recorded);
                         let recorded = graphs.shapes();
-                        info!(?shape, ?recorded, elapsed_ms = started.elapsed().as_millis() as u64, "CUDA graph recorded");
+                        info!(
+                            ?shape,
+                            ?recorded,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "CUDA graph recorded"
+                        );
                     }
                     Err(why) => {
                         warn!(?shape, %why, "recording a CUDA graph failed; this shape runs eagerly");

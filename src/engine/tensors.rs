@@ -40,7 +40,10 @@ impl Normaliser {
     pub fn input_pinned(&self, pinned: &Tensor, geometry: &InputGeometry) -> Result<Tensor, TchError> {
         let expected = [i64::from(geometry.height), i64::from(geometry.width), 3];
         if pinned.size() != expected {
-            return Err(TchError::Shape(format!("staging buffer {:?} does not fit a {expected:?} image", pinned.size())));
+            return Err(TchError::Shape(format!(
+                "staging buffer {:?} does not fit a {expected:?} image",
+                pinned.size()
+            )));
         }
         let hwc = pinned.f_to_device_(self.mean.device(), Kind::Float, true, false)?;
         self.normalise(&hwc, geometry)
@@ -67,7 +70,11 @@ impl PinnedStaging {
     pub fn new(geometry: &InputGeometry, device: Device) -> Result<PinnedStaging, TchError> {
         let (width, height) = (i64::from(geometry.width), i64::from(geometry.height));
         let pinned = |shape: &[i64]| Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?.f_pin_memory(device);
-        Ok(PinnedStaging { left: pinned(&[height, width, 3])?, right: pinned(&[height, width, 3])?, output: pinned(&[height, width])? })
+        Ok(PinnedStaging {
+            left: pinned(&[height, width, 3])?,
+            right: pinned(&[height, width, 3])?,
+            output: pinned(&[height, width])?,
+        })
     }
 
     /// Whether these buffers are the ones for `geometry`'s image size.
@@ -80,7 +87,8 @@ impl PinnedStaging {
     /// for a KITTI-sized float image).
     pub fn write(&self, left: &Rgb32FImage, right: &Rgb32FImage) -> Result<(), TchError> {
         for (buffer, image) in [(&self.left, left), (&self.right, right)] {
-            if buffer.numel() != image.as_raw().len() || buffer.kind() != Kind::Float || buffer.device() != Device::Cpu {
+            if buffer.numel() != image.as_raw().len() || buffer.kind() != Kind::Float || buffer.device() != Device::Cpu
+            {
                 return Err(TchError::Shape(format!("staging buffer {:?} does not fit the image", buffer.size())));
             }
         }

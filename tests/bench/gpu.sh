@@ -33,6 +33,10 @@
 #             fp32, fp16 and bf16 (EPE, D1 per pair) -> accuracy-<precision>.json
 #   profile   models/gpu_profile.py: torch.profiler of eager and TorchScript, and the
 #             same levers from Python -> profile.txt, profile.json
+#   graphs    the CUDA graph cache under changing sizes: a server with --cuda-graphs 2 gets
+#             three image sizes in turn, five rounds (eager, eager, recorded, then the
+#             least recently used shape evicted and recorded again...); every answer
+#             (PFM) must equal byte for byte the first, eager, answer at its size
 #   check     .ci/gpu-check.sh with the bundle's server: KITTI requests' Server-Timing
 #             phases (pfm, png16, json), a v2 inference, the CUDA allocator series of
 #             /metrics, SIGTERM -> its summary in summary.md
@@ -97,7 +101,7 @@ precision=bf16,memory=contiguous,graphs=2,pinned=on;\
 precision=bf16,memory=channels-last,graphs=2,pinned=on"
 
 run_device() {
-    local out="${OUT:-target/gpu-results}" stages="${STAGES:-levers accuracy table profile check}"
+    local out="${OUT:-target/gpu-results}" stages="${STAGES:-levers accuracy table profile graphs check}"
     local sizes="${SIZES:-384x1248 512x960}" iters="${ITERS:-40}"
     mkdir -p "$out"
     [[ -f "$bundle/stereo-recon.xz" ]] || { echo "gpu.sh run: $bundle missing (gpu.sh prepare, then carry it)" >&2; exit 1; }
@@ -191,6 +195,42 @@ EOF
                 --json "$out/profile.json" >"$out/profile.txt" 2>&1 || echo "profile failed (see profile.txt)"
             { grep -A3 "== profile" "$out/profile.txt"; sed -n '/| precision | weights/,$p' "$out/profile.txt"; } \
                 | tee -a "$out/summary.md" || true
+            ;;
+        graphs)
+            local dir=/tmp/stereo-recon-gpu-graphs port=5093
+            rm -rf "$dir" && mkdir -p "$dir"
+            python3 - "$dir" <<'EOF'
+import sys
+from PIL import Image
+for w, h in ((512, 384), (640, 480), (800, 600)):
+    for side in ("left", "right"):
+        Image.open(f"data/synthetic/{side}.png").convert("RGB").resize((w, h)).save(f"{sys.argv[1]}/{side}_{w}x{h}.png")
+EOF
+            "$bin/stereo-recon" serve --host 127.0.0.1 --port "$port" --device cuda --cuda-graphs 2 \
+                --model "$bundle/psmnet_kitti2015.pt" >"$dir/server.log" 2>&1 &
+            local server=$!
+            for _ in $(seq 1 240); do
+                curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v2/health/ready" | grep -q 200 && break
+                sleep 0.5
+            done
+            local mismatches=0 answers=0
+            for round in 1 2 3 4 5; do
+                for size in 512x384 640x480 800x600; do
+                    curl -s -f -o "$dir/answer_${size}_$round.pfm" -F "left=@$dir/left_$size.png" \
+                        -F "right=@$dir/right_$size.png" "http://127.0.0.1:$port/api/v1/disparity?format=pfm" \
+                        || echo "request $size round $round failed"
+                    answers=$((answers + 1))
+                    cmp -s "$dir/answer_${size}_1.pfm" "$dir/answer_${size}_$round.pfm" \
+                        || { mismatches=$((mismatches + 1)); echo "$size round $round differs from round 1"; }
+                done
+            done
+            curl -s "http://127.0.0.1:$port/metrics" | grep -E '^stereo_recon_cuda_' || true
+            kill -TERM "$server"
+            wait "$server" || true
+            {
+                echo "graphs: $answers answers at 3 sizes, $mismatches differing from the eager first answer at their size"
+                grep -v Warning "$dir/server.log" | grep -E "CUDA graph|recorded|dropped" | cut -c1-200
+            } | tee -a "$out/summary.md"
             ;;
         check)
             rm -rf /tmp/stereo-recon-gpu-check

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use loadgen::{multipart, ServerProcess};
 use serde_json::json;
-use stereo_recon::decode::decode_rgb;
 use stereo_recon::config::Cli;
+use stereo_recon::decode::decode_rgb;
 use stereo_recon::engine::{Engine, EngineConfig, Prediction, StereoPair};
 
 struct Options {
@@ -88,7 +88,8 @@ fn options() -> Options {
             "--server-bin" => o.server_bin = value().into(),
             "--clients" => {
                 // An empty list skips the HTTP part.
-                o.clients = value().split(',').filter(|c| !c.is_empty()).map(|c| c.parse().expect("--clients 1,4,16")).collect()
+                o.clients =
+                    value().split(',').filter(|c| !c.is_empty()).map(|c| c.parse().expect("--clients 1,4,16")).collect()
             }
             "--requests-per-client" => o.requests_per_client = value().parse().expect("N"),
             "--json" => o.json = Some(value().into()),
@@ -181,8 +182,8 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     // (c) The engine alone: decoded pair in, disparity out, no HTTP, as `serve` configures it.
-    let pair = StereoPair::new(decode_rgb(&left_png, u64::MAX).unwrap(), decode_rgb(&right_png, u64::MAX).unwrap())
-        .unwrap();
+    let pair =
+        StereoPair::new(decode_rgb(&left_png, u64::MAX).unwrap(), decode_rgb(&right_png, u64::MAX).unwrap()).unwrap();
     let engine_result = runtime.block_on(async {
         let engine = Engine::start(engine_config(&o, "")).unwrap();
         let info = engine.wait_ready().await.expect("model loads");
@@ -253,8 +254,11 @@ fn engine_config(o: &Options, variant: &str) -> EngineConfig {
             other => panic!("unknown variant key {other}"),
         }
     }
-    let args: Vec<String> =
-        ["stereo-recon", "serve"].map(String::from).into_iter().chain(flags.into_iter().flat_map(|(f, v)| [f, v])).collect();
+    let args: Vec<String> = ["stereo-recon", "serve"]
+        .map(String::from)
+        .into_iter()
+        .chain(flags.into_iter().flat_map(|(f, v)| [f, v]))
+        .collect();
     let Cli { command: stereo_recon::config::Command::Serve(config), .. } =
         <Cli as clap::Parser>::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
     else {
@@ -321,7 +325,13 @@ async fn engine_variants(o: &Options, pair: &StereoPair) -> serde_json::Value {
 }
 
 /// (d): the server binary under 1, 4 and 16 concurrent clients (`--clients`).
-fn http_rows(o: &Options, runtime: &tokio::runtime::Runtime, left_png: Vec<u8>, right_png: Vec<u8>, gpu: bool) -> Vec<serde_json::Value> {
+fn http_rows(
+    o: &Options,
+    runtime: &tokio::runtime::Runtime,
+    left_png: Vec<u8>,
+    right_png: Vec<u8>,
+    gpu: bool,
+) -> Vec<serde_json::Value> {
     let args: Vec<String> = ["--device", &o.device, "--queue-depth", "64", "--memory-format", &o.memory_format]
         .map(String::from)
         .into_iter()
