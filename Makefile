@@ -169,11 +169,13 @@ fuzz-calibration:
 		tests/fuzz/corpus/calibration tests/fuzz/seeds-calibration -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		-max_len=8192 -print_final_stats=1
 
-# Eager PyTorch disparities of the test pairs, for the Rust parity test.
+# Eager PyTorch disparities (and their standard deviations, *_uncertainty.pfm) of the test
+# pairs, for the Rust parity test.
 parity-fixtures: $(PARITY_OUT)
 
 $(PARITY_DIR)/%.pfm: tests/fixtures/%/left.png tests/fixtures/%/right.png $(WEIGHTS) models/psmnet.py models/reference.py
-	$(PYTHON) models/reference.py --checkpoint $(WEIGHTS) predict $(word 1,$^) $(word 2,$^) --out $@
+	$(PYTHON) models/reference.py --checkpoint $(WEIGHTS) predict $(word 1,$^) $(word 2,$^) --out $@ \
+		--uncertainty $(@:.pfm=_uncertainty.pfm)
 
 # Accuracy of the Rust service on every pair with ground truth (README's Accuracy table).
 accuracy: model release

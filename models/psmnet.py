@@ -185,7 +185,8 @@ class PSMNet(nn.Module):
 
     Input: left and right images, (B, 3, H, W), ImageNet-normalised, H and W
     multiples of `SIZE_MULTIPLE` and at least `MIN_SIZE`. Output: (B, H, W)
-    disparity of the left image in pixels, fp32.
+    disparity of the left image in pixels, fp32; `forward_with_uncertainty`
+    adds its per-pixel standard deviation.
     """
 
     def __init__(self, maxdisp: int = MAXDISP, align_corners: bool = True) -> None:
@@ -221,6 +222,27 @@ class PSMNet(nn.Module):
         return cost
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        prob = self.probabilities(left, right)
+        disparities = torch.arange(self.maxdisp, dtype=prob.dtype, device=prob.device)
+        return (prob * disparities.view(1, -1, 1, 1)).sum(1)
+
+    @torch.jit.export
+    def forward_with_uncertainty(self, left: torch.Tensor, right: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The disparity (the mean of the network's distribution over disparities, exactly as
+        `forward`) and that distribution's standard deviation, both (B, H, W) px, fp32.
+
+        The deviation comes from the same softmax, no second pass through the network; it is
+        computed centred, sum p (d - mean)^2, because E[d^2] - E[d]^2 loses a confident
+        pixel's small variance to rounding (E[d^2] reaches 191^2 while the variance is ~0.01).
+        """
+        prob = self.probabilities(left, right)
+        disparities = torch.arange(self.maxdisp, dtype=prob.dtype, device=prob.device).view(1, -1, 1, 1)
+        mean = (prob * disparities).sum(1)
+        variance = (prob * (disparities - mean.unsqueeze(1)).pow(2)).sum(1)
+        return mean, variance.sqrt()
+
+    def probabilities(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """(B, maxdisp, H, W) fp32: for each pixel, the probability of each integer disparity."""
         cost = self.cost_volume(self.feature_extraction(left), self.feature_extraction(right))
 
         cost0 = self.dres0(cost)
@@ -239,9 +261,7 @@ class PSMNet(nn.Module):
 
         full = [self.maxdisp, left.shape[2], left.shape[3]]
         logits = F.interpolate(logits.float(), size=full, mode="trilinear", align_corners=self.align_corners)
-        prob = F.softmax(logits.squeeze(1), dim=1)
-        disparities = torch.arange(self.maxdisp, dtype=prob.dtype, device=prob.device)
-        return (prob * disparities.view(1, -1, 1, 1)).sum(1)
+        return F.softmax(logits.squeeze(1), dim=1)
 
 
 def load_checkpoint(model: PSMNet, path: str) -> None:

@@ -82,6 +82,19 @@ def predict(model: torch.nn.Module, left: np.ndarray, right: np.ndarray) -> np.n
     return out[top : top + height, :width].numpy().astype(np.float32)
 
 
+@torch.no_grad()
+def predict_with_uncertainty(model: torch.nn.Module, left: np.ndarray, right: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Disparity and its standard deviation, (H, W) float32 px each, of the left image."""
+    if left.shape != right.shape:
+        raise ValueError(f"left {left.shape} and right {right.shape} differ in size")
+    height, width = left.shape[:2]
+    left_t, top, _ = preprocess(left)
+    right_t, _, _ = preprocess(right)
+    mean, std = model.forward_with_uncertainty(left_t, right_t)
+    crop = lambda t: t[0, top : top + height, :width].numpy().astype(np.float32)  # noqa: E731
+    return crop(mean), crop(std)
+
+
 def write_pfm(path: Path, disparity: np.ndarray) -> None:
     """Greyscale little-endian PFM, rows bottom to top (Middlebury convention)."""
     height, width = disparity.shape
@@ -121,6 +134,7 @@ def main() -> None:
     p_predict.add_argument("left", type=Path)
     p_predict.add_argument("right", type=Path)
     p_predict.add_argument("--out", type=Path, required=True)
+    p_predict.add_argument("--uncertainty", type=Path, help="also write the per-pixel standard deviation (PFM)")
     p_acc = sub.add_parser("accuracy")
     p_acc.add_argument("dirs", type=Path, nargs="+")
     p_acc.add_argument("--align-corners", choices=["true", "false", "both"], default="true")
@@ -130,8 +144,14 @@ def main() -> None:
 
     if args.command == "predict":
         model = load_model(args.checkpoint)
-        disparity = predict(model, load_rgb(args.left), load_rgb(args.right))
+        left, right = load_rgb(args.left), load_rgb(args.right)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.uncertainty:
+            disparity, deviation = predict_with_uncertainty(model, left, right)
+            write_pfm(args.uncertainty, deviation)
+            print(f"{args.uncertainty}: deviation mean {deviation.mean():.3f} px")
+        else:
+            disparity = predict(model, left, right)
         write_pfm(args.out, disparity)
         print(f"{args.out}: {disparity.shape[1]}x{disparity.shape[0]}, "
               f"min {disparity.min():.3f} max {disparity.max():.3f} mean {disparity.mean():.3f}")

@@ -121,6 +121,14 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
     if args.max_depth.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
         return Err("--max-depth must be a positive distance".into());
     }
+    if args.max_uncertainty.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+        return Err("--max-uncertainty must be a positive number of pixels".into());
+    }
+    if let Some(path) = &args.uncertainty {
+        if !path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("pfm")) {
+            return Err(format!("{}: --uncertainty writes a float32 PFM: name it .pfm", path.display()));
+        }
+    }
     let calibration = match &args.calib {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -145,9 +153,25 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
     let engine = Engine::start(args.model.engine_config(1)).map_err(|e| e.to_string())?;
     let info = engine.wait_ready().await.map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let prediction = engine.predict(pair).await.map_err(|e: EngineError| e.to_string())?;
+    let with_uncertainty = args.uncertainty.is_some() || args.max_uncertainty.is_some();
+    let prediction =
+        if with_uncertainty { engine.predict_with_uncertainty(pair).await } else { engine.predict(pair).await }
+            .map_err(|e: EngineError| e.to_string())?;
     let seconds = started.elapsed().as_secs_f64();
-    let map = prediction.disparity;
+    let mut map = prediction.disparity;
+    let mut uncertainty_note = String::new();
+    if let Some(sigma) = &prediction.uncertainty {
+        let s = crate::uncertainty::stats(sigma);
+        uncertainty_note = format!(
+            "\nuncertainty (standard deviation): mean {:.2} median {:.2} p90 {:.2} px",
+            s.mean, s.median, s.p90
+        );
+        if let Some(max) = args.max_uncertainty {
+            let (masked, count) = crate::uncertainty::mask(&map, sigma, max);
+            map = masked;
+            uncertainty_note.push_str(&format!("; {count} pixels above {max} px marked as without value"));
+        }
+    }
 
     let write = |path: &std::path::Path, bytes: Vec<u8>| {
         std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
@@ -155,6 +179,9 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
     write(&args.output, if kind.as_deref() == Some("pfm") { pfm::encode(&map) } else { kitti::encode_png16(&map) })?;
     if let Some(path) = &args.color {
         write(path, colormap::color_png(&map))?;
+    }
+    if let (Some(path), Some(sigma)) = (&args.uncertainty, &prediction.uncertainty) {
+        write(path, pfm::encode(sigma))?;
     }
     let stats = map.stats();
     let mut summary = format!(
@@ -168,6 +195,7 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
         seconds,
         info.device
     );
+    summary.push_str(&uncertainty_note);
     if let (Some(rectification), Some(colours)) = (rectification, colours) {
         let depth = crate::reconstruct::depth_map(&map, &rectification.camera, args.max_depth);
         let d = depth.stats(args.max_depth);
@@ -217,11 +245,13 @@ struct PairReport {
     inference_ms: f64,
     ground_truth: Option<String>,
     metrics: Option<crate::eval::Metrics>,
+    /// How well the per-pixel deviation ranks the errors (with ground truth only).
+    sparsification: Option<crate::eval::Sparsification>,
 }
 
 /// `eval`: runs every pair found under the given folders and scores it.
 pub async fn eval(args: EvalArgs) -> Result<String, String> {
-    use crate::eval::{decode_ground_truth, discover_pairs, error_map, Accumulator};
+    use crate::eval::{decode_ground_truth, discover_pairs, error_map, Accumulator, ScoredPixels};
 
     let mut pairs = Vec::new();
     for dir in &args.dirs {
@@ -234,6 +264,7 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
     let info = engine.wait_ready().await.map_err(|e| e.to_string())?;
 
     let mut overall = Accumulator::default();
+    let mut overall_pixels = ScoredPixels::default();
     let mut reports = Vec::new();
     for files in &pairs {
         let pair = read_pair(&files.left, &files.right)?;
@@ -255,13 +286,20 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
             }
             None => None,
         };
-        let prediction = engine.predict(pair).await.map_err(|e| format!("{}: {e}", files.name))?;
+        let prediction = engine.predict_with_uncertainty(pair).await.map_err(|e| format!("{}: {e}", files.name))?;
         let map = prediction.disparity;
+        let sigma = prediction.uncertainty.ok_or_else(|| format!("{}: the engine gave no uncertainty", files.name))?;
         let metrics = truth.as_ref().map(|truth| {
             let mut acc = Accumulator::default();
             acc.add(&map, truth, args.maxdisp);
             overall.merge(&acc);
             acc.metrics()
+        });
+        let sparsification = truth.as_ref().and_then(|truth| {
+            let mut pixels = ScoredPixels::default();
+            pixels.add(&map, &sigma, truth, args.maxdisp);
+            overall_pixels.extend(&pixels);
+            pixels.sparsification()
         });
         if let Some(out) = &args.save {
             let dir = out.join(&files.name);
@@ -271,6 +309,7 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
                     .map_err(|e| format!("{}: {e}", dir.join(file).display()))
             };
             write("disparity.pfm", pfm::encode(&map))?;
+            write("uncertainty.pfm", pfm::encode(&sigma))?;
             write("disparity_color.png", colormap::color_png(&map))?;
             if let Some(truth) = &truth {
                 let errors = error_map(&map, truth);
@@ -288,9 +327,11 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
             inference_ms: prediction.inference.as_secs_f64() * 1000.0,
             ground_truth: files.ground_truth.as_ref().map(|p| p.display().to_string()),
             metrics,
+            sparsification,
         });
     }
     let overall = (overall.metrics().valid_pixels > 0).then(|| overall.metrics());
+    let overall_sparsification = overall_pixels.sparsification();
     if args.json {
         let json = serde_json::json!({
             "model": info.name,
@@ -298,10 +339,52 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
             "maxdisp": args.maxdisp,
             "pairs": reports,
             "overall": overall,
+            "overall_sparsification": overall_sparsification,
         });
         return Ok(serde_json::to_string_pretty(&json).expect("report serialises"));
     }
-    Ok(eval_table(&reports, overall.as_ref(), &info.device, args.maxdisp))
+    let mut text = eval_table(&reports, overall.as_ref(), &info.device, args.maxdisp);
+    text.push_str(&sparsification_table(&reports, overall_sparsification.as_ref()));
+    Ok(text)
+}
+
+/// The second table of `eval`: error over the most certain pixels, by the
+/// network's per-pixel standard deviation (see [`crate::eval::Sparsification`]).
+fn sparsification_table(reports: &[PairReport], overall: Option<&crate::eval::Sparsification>) -> String {
+    let mut out = String::from(
+        "\n\nUncertainty: error over the most certain pixels (by standard deviation), area under the \
+         sparsification curve (oracle: by true error), calibration\n\n\
+         | pair | EPE 100/90/80/50 % | D1 % 100/90/80/50 % | D1 80 % / all | AUC EPE (oracle) | AUC D1 (oracle) | \
+         error <= 1 / 2 sigma % |\n|---|---|---|---|---|---|---|\n",
+    );
+    let row = |name: &str, s: &crate::eval::Sparsification| {
+        let join =
+            |f: &dyn Fn(&crate::eval::KeptMetrics) -> String| s.kept.iter().map(f).collect::<Vec<_>>().join(" / ");
+        let ratio = match (s.kept.first(), s.kept.iter().find(|k| k.fraction == 0.8)) {
+            (Some(all), Some(kept)) if all.d1 > 0.0 => format!("{:.2}", kept.d1 / all.d1),
+            _ => "-".into(),
+        };
+        format!(
+            "| {name} | {} | {} | {ratio} | {:.3} ({:.3}) | {:.2} ({:.2}) | {:.1} / {:.1} |\n",
+            join(&|k| format!("{:.3}", k.epe)),
+            join(&|k| format!("{:.2}", k.d1)),
+            s.auc_epe,
+            s.oracle_auc_epe,
+            s.auc_d1,
+            s.oracle_auc_d1,
+            s.within_1_sigma,
+            s.within_2_sigma
+        )
+    };
+    for r in reports {
+        if let Some(s) = &r.sparsification {
+            out.push_str(&row(&r.name, s));
+        }
+    }
+    if let Some(s) = overall {
+        out.push_str(&row("**all (pixels pooled)**", s));
+    }
+    out
 }
 
 fn eval_table(reports: &[PairReport], overall: Option<&crate::eval::Metrics>, device: &str, maxdisp: f32) -> String {

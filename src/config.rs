@@ -227,6 +227,14 @@ pub struct PredictArgs {
     /// With --calib: leave out points farther than this (calibration units).
     #[arg(long, requires = "calib")]
     pub max_depth: Option<f64>,
+    /// Also write the disparity's per-pixel standard deviation here (float32 PFM, px): how
+    /// far to trust each value.
+    #[arg(long)]
+    pub uncertainty: Option<PathBuf>,
+    /// Mark every pixel whose standard deviation is above this many px as having no value, in
+    /// every output (0 in a KITTI PNG, +inf in a PFM, left out of depth and the point cloud).
+    #[arg(long)]
+    pub max_uncertainty: Option<f32>,
     #[command(flatten)]
     pub model: ModelArgs,
 }

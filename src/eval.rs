@@ -102,6 +102,146 @@ impl Accumulator {
     }
 }
 
+/// How well the network's per-pixel standard deviation ranks its own errors,
+/// the way the uncertainty literature measures it (sparsification curves):
+/// remove the least certain pixels first and watch the error of the rest fall;
+/// an oracle that removes the truly worst pixels first bounds how fast it can.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "engine", derive(utoipa::ToSchema))]
+pub struct Sparsification {
+    /// EPE and D1 over the most certain 100, 90, 80 and 50 % of the scored pixels.
+    pub kept: Vec<KeptMetrics>,
+    /// Area under EPE (px) against the fraction removed, 0 to 0.95 in steps of 0.05.
+    pub auc_epe: f64,
+    /// The same area with pixels removed by their true error (the best possible ranking).
+    pub oracle_auc_epe: f64,
+    /// Area under D1 (%) against the fraction removed, and the oracle's.
+    pub auc_d1: f64,
+    pub oracle_auc_d1: f64,
+    /// % of scored pixels whose error is at most one standard deviation (about 68 %
+    /// for a well-calibrated Gaussian), and at most two (about 95 %).
+    pub within_1_sigma: f64,
+    pub within_2_sigma: f64,
+}
+
+/// Error figures over one most-certain fraction of the scored pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[cfg_attr(feature = "engine", derive(utoipa::ToSchema))]
+pub struct KeptMetrics {
+    /// Fraction of the scored pixels kept, most certain first (1.0 = all).
+    pub fraction: f64,
+    pub epe: f64,
+    /// KITTI D1, %.
+    pub d1: f64,
+}
+
+/// The fractions [`Sparsification::kept`] reports.
+pub const KEPT_FRACTIONS: [f64; 4] = [1.0, 0.9, 0.8, 0.5];
+
+/// The scored pixels of one or more pairs with their deviations, for
+/// [`Sparsification`]. The same pixels as [`Accumulator`] scores.
+#[derive(Debug, Clone, Default)]
+pub struct ScoredPixels {
+    /// (absolute error, whether a D1 outlier, standard deviation) per pixel.
+    pixels: Vec<(f32, bool, f32)>,
+}
+
+impl ScoredPixels {
+    /// Adds every scored pixel of `prediction` (with `uncertainty`, same size) against `truth`.
+    pub fn add(&mut self, prediction: &DisparityMap, uncertainty: &DisparityMap, truth: &DisparityMap, maxdisp: f32) {
+        assert_eq!(
+            (prediction.width(), prediction.height(), uncertainty.width(), uncertainty.height()),
+            (truth.width(), truth.height(), truth.width(), truth.height()),
+            "prediction, uncertainty and ground truth differ in size"
+        );
+        let values = prediction.values().iter().zip(uncertainty.values()).zip(truth.values());
+        for ((&p, &sigma), &t) in values {
+            if !(t.is_finite() && t > 0.0) || t >= maxdisp {
+                continue;
+            }
+            let e = (p - t).abs();
+            let e = if e.is_finite() { e } else { maxdisp };
+            // A deviation that is not a number ranks as the least certain.
+            let sigma = if sigma.is_nan() { f32::INFINITY } else { sigma };
+            self.pixels.push((e, e > 3.0 && e > 0.05 * t, sigma));
+        }
+    }
+
+    /// Pools another pair's pixels into these.
+    pub fn extend(&mut self, other: &ScoredPixels) {
+        self.pixels.extend_from_slice(&other.pixels);
+    }
+
+    pub fn len(&self) -> usize {
+        self.pixels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pixels.is_empty()
+    }
+
+    /// The sparsification figures; `None` without scored pixels.
+    pub fn sparsification(&self) -> Option<Sparsification> {
+        if self.pixels.is_empty() {
+            return None;
+        }
+        let by_sigma = Curve::ranked(&self.pixels, |a, b| a.2.total_cmp(&b.2));
+        let by_error = Curve::ranked(&self.pixels, |a, b| a.0.total_cmp(&b.0));
+        let n = self.pixels.len() as f64;
+        let within = |k: f32| 100.0 * self.pixels.iter().filter(|(e, _, s)| *e <= k * *s).count() as f64 / n;
+        Some(Sparsification {
+            kept: KEPT_FRACTIONS
+                .iter()
+                .map(|&fraction| {
+                    let (epe, d1) = by_sigma.at(fraction);
+                    KeptMetrics { fraction, epe, d1 }
+                })
+                .collect(),
+            auc_epe: by_sigma.area(|(epe, _)| epe),
+            oracle_auc_epe: by_error.area(|(epe, _)| epe),
+            auc_d1: by_sigma.area(|(_, d1)| d1),
+            oracle_auc_d1: by_error.area(|(_, d1)| d1),
+            within_1_sigma: within(1.0),
+            within_2_sigma: within(2.0),
+        })
+    }
+}
+
+/// Prefix sums of error and D1 outliers over pixels ranked most certain first.
+struct Curve {
+    error: Vec<f64>,
+    outliers: Vec<u64>,
+}
+
+impl Curve {
+    fn ranked(
+        pixels: &[(f32, bool, f32)],
+        order: impl Fn(&(f32, bool, f32), &(f32, bool, f32)) -> std::cmp::Ordering,
+    ) -> Curve {
+        let mut sorted = pixels.to_vec();
+        sorted.sort_by(order);
+        let (mut error, mut outliers) = (vec![0.0], vec![0]);
+        for (e, outlier, _) in sorted {
+            error.push(error.last().unwrap() + f64::from(e));
+            outliers.push(outliers.last().unwrap() + u64::from(outlier));
+        }
+        Curve { error, outliers }
+    }
+
+    /// (EPE, D1 %) over the first `fraction` of the ranked pixels (at least one).
+    fn at(&self, fraction: f64) -> (f64, f64) {
+        let n = self.error.len() - 1;
+        let k = ((fraction * n as f64).round() as usize).clamp(1, n);
+        (self.error[k] / k as f64, 100.0 * self.outliers[k] as f64 / k as f64)
+    }
+
+    /// Trapezoidal area of `value` against the fraction removed, 0 to 0.95.
+    fn area(&self, value: impl Fn((f64, f64)) -> f64) -> f64 {
+        let points: Vec<f64> = (0..=19).map(|i| value(self.at(1.0 - 0.05 * f64::from(i)))).collect();
+        points.windows(2).map(|w| 0.05 * (w[0] + w[1]) / 2.0).sum()
+    }
+}
+
 /// Metrics of one prediction.
 pub fn evaluate(prediction: &DisparityMap, truth: &DisparityMap, maxdisp: f32) -> Metrics {
     let mut acc = Accumulator::default();
@@ -246,6 +386,56 @@ mod tests {
 
     fn map(values: &[f32]) -> DisparityMap {
         DisparityMap::new(values.len() as u32, 1, values.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn sparsification_ranks_by_deviation_and_the_oracle_by_error() {
+        // Ten pixels, truth 10 px; errors 0..9 px. Deviations rank them exactly
+        // backwards from their errors in `wrong`, exactly right in `right`.
+        let truth = map(&[10.0; 10]);
+        let errors: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let pred = map(&errors.iter().map(|e| 10.0 + e).collect::<Vec<_>>());
+        let right = map(&errors.iter().map(|e| e / 2.0 + 0.1).collect::<Vec<_>>());
+        let wrong = map(&errors.iter().map(|e| 10.0 - e).collect::<Vec<_>>());
+        let figures = |sigma: &DisparityMap| {
+            let mut pixels = ScoredPixels::default();
+            pixels.add(&pred, sigma, &truth, 192.0);
+            pixels.sparsification().unwrap()
+        };
+        let good = figures(&right);
+        // All pixels: EPE 4.5, D1 (error > 3 and > 0.5): 6 of 10.
+        assert_eq!(good.kept[0], KeptMetrics { fraction: 1.0, epe: 4.5, d1: 60.0 });
+        // The most certain 80 %: errors 0..7, EPE 3.5, outliers 4..7.
+        assert_eq!(good.kept[2], KeptMetrics { fraction: 0.8, epe: 3.5, d1: 50.0 });
+        // 50 %: errors 0..4: EPE 2, one outlier (4).
+        assert_eq!(good.kept[3], KeptMetrics { fraction: 0.5, epe: 2.0, d1: 20.0 });
+        // A perfect ranking is the oracle; a reversed one is worse than both.
+        assert!((good.auc_epe - good.oracle_auc_epe).abs() < 1e-12);
+        let bad = figures(&wrong);
+        assert_eq!(bad.kept[3], KeptMetrics { fraction: 0.5, epe: 7.0, d1: 100.0 });
+        assert!(bad.auc_epe > good.auc_epe && bad.auc_d1 > good.auc_d1);
+        assert_eq!(bad.oracle_auc_epe, good.oracle_auc_epe);
+        // error <= sigma: e <= e/2 + 0.1 holds for e = 0 only; <= 2 sigma: e <= e + 0.2, always.
+        assert!((good.within_1_sigma - 10.0).abs() < 1e-9);
+        assert!((good.within_2_sigma - 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn sparsification_scores_the_same_pixels_and_pools_pairs() {
+        // No truth (0), beyond maxdisp (200) and a NaN deviation (ranked least certain).
+        let truth = map(&[0.0, 200.0, 10.0, 10.0]);
+        let pred = map(&[5.0, 5.0, 10.0, 20.0]);
+        let sigma = map(&[0.1, 0.1, f32::NAN, 0.5]);
+        let mut one = ScoredPixels::default();
+        one.add(&pred, &sigma, &truth, 192.0);
+        assert_eq!(one.len(), 2);
+        let figures = one.sparsification().unwrap();
+        // Most certain half: the 10 px error (sigma 0.5), not the NaN's exact pixel.
+        assert_eq!(figures.kept[3].epe, 10.0);
+        let mut pooled = one.clone();
+        pooled.extend(&one);
+        assert_eq!(pooled.len(), 4);
+        assert!(ScoredPixels::default().sparsification().is_none());
     }
 
     #[test]

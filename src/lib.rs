@@ -31,6 +31,7 @@ pub mod rectify;
 #[cfg(feature = "engine")]
 pub mod server;
 pub mod synthetic;
+pub mod uncertainty;
 
 #[cfg(feature = "engine")]
 pub use api::{router, AppState, Limits};

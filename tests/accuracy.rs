@@ -41,24 +41,71 @@ async fn a_uniform_shift_gives_that_disparity_in_the_interior() {
 
 #[tokio::test]
 async fn rust_output_matches_eager_pytorch() {
-    // models/parity/<pair>.pfm is written by `make test` with models/reference.py
-    // (eager PyTorch, same checkpoint, same preprocessing).
-    let reference_path = repo().join("models/parity/synthetic_crop.pfm");
-    let reference = pfm::decode(
-        &std::fs::read(&reference_path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run `make parity-fixtures`)", reference_path.display())),
-    )
-    .unwrap();
+    let fixture = |name: &str| {
+        let path = repo().join("models/parity").join(name);
+        pfm::decode(
+            &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run `make parity-fixtures`)", path.display())),
+        )
+        .unwrap()
+    };
     let engine = ready_engine(1).await;
     let (left, right) = fixture_pair();
-    let ours = predict(&engine, &left, &right).await;
-    assert_eq!((ours.width(), ours.height()), (reference.width(), reference.height()));
-    let diffs: Vec<f32> = ours.values().iter().zip(reference.values()).map(|(a, b)| (a - b).abs()).collect();
-    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
-    let max = diffs.iter().copied().fold(0.0, f32::max);
-    println!("parity with eager PyTorch: mean |diff| {mean:.2e} px, max {max:.2e} px");
-    assert!(mean < 0.01, "mean |diff| {mean} px");
-    assert!(max < 0.5, "max |diff| {max} px");
+    let prediction = engine.predict_with_uncertainty(pair_from_png(&left, &right)).await.expect("inference succeeds");
+    let deviation = prediction.uncertainty.expect("asked for the uncertainty");
+    // Both outputs: the disparity, and its standard deviation from the same distribution.
+    for (what, ours, reference) in [
+        ("disparity", &prediction.disparity, fixture("synthetic_crop.pfm")),
+        ("standard deviation", &deviation, fixture("synthetic_crop_uncertainty.pfm")),
+    ] {
+        assert_eq!((ours.width(), ours.height()), (reference.width(), reference.height()));
+        let diffs: Vec<f32> = ours.values().iter().zip(reference.values()).map(|(a, b)| (a - b).abs()).collect();
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        let max = diffs.iter().copied().fold(0.0, f32::max);
+        println!("parity with eager PyTorch, {what}: mean |diff| {mean:.2e} px, max {max:.2e} px");
+        assert!(mean < 0.01, "{what}: mean |diff| {mean} px");
+        assert!(max < 0.5, "{what}: max |diff| {max} px");
+    }
+    // Asking for the deviation does not change the disparity.
+    let plain = predict(&engine, &left, &right).await;
+    let drift =
+        plain.values().iter().zip(prediction.disparity.values()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(drift < 1e-3, "disparity with and without the deviation differs by {drift} px");
+}
+
+/// The deviation says where the answer is ambiguous: on a pair where a band of
+/// the left image is occluded in the right one (the right camera sees other,
+/// unrelated texture there), the band's pixels have no true match and must be
+/// far less certain than the textured rest.
+#[tokio::test]
+async fn the_deviation_is_high_where_the_match_is_ambiguous() {
+    let (width, height, shift) = (320u32, 256u32, 12u32);
+    let (left, mut right) = shifted_pair(width, height, shift);
+    // Left columns 150..250 would match right columns 138..238: replace those with
+    // texture from elsewhere in the scene (rows 300 lower, mirrored).
+    let band = 150..250u32;
+    let source = image::load_from_memory(&read_png("data/synthetic/left.png")).unwrap().to_rgb8();
+    for y in 0..height {
+        for x in band.clone() {
+            let (sx, sy) = (source.width() - 1 - (x + 40), (y + 20) % source.height());
+            right.put_pixel(x - shift, y, *source.get_pixel(sx, sy));
+        }
+    }
+    let engine = ready_engine(1).await;
+    let prediction =
+        engine.predict_with_uncertainty(pair_from_png(&png(&left), &png(&right))).await.expect("inference succeeds");
+    let sigma = prediction.uncertainty.expect("asked for the uncertainty");
+    assert_eq!((sigma.width(), sigma.height()), (width, height));
+    assert!(sigma.values().iter().all(|s| s.is_finite() && *s >= 0.0), "deviations are finite, non-negative px");
+    let mean_over = |xs: std::ops::Range<u32>| {
+        let values: Vec<f32> =
+            (16..height - 16).flat_map(|y| xs.clone().map(move |x| (x, y))).map(|(x, y)| sigma.get(x, y)).collect();
+        values.iter().sum::<f32>() / values.len() as f32
+    };
+    // The band's interior, away from its textured edges; textured columns well away from it.
+    let ambiguous = mean_over(band.start + 24..band.end - 24);
+    let textured = mean_over(40..100);
+    println!("mean deviation: ambiguous band {ambiguous:.2} px, textured {textured:.2} px");
+    assert!(ambiguous > 2.0 * textured, "band {ambiguous} px vs textured {textured} px");
 }
 
 #[tokio::test]

@@ -19,15 +19,16 @@ use super::cuda_graph::CudaGraph;
 /// graph for the first time (compiling its fused kernels).
 pub const EAGER_RUNS_BEFORE_RECORDING: u32 = 2;
 
-/// Padded input height and width.
-pub type Shape = (i64, i64);
+/// Padded input height and width, and whether the pass also computes the
+/// uncertainty (the model's second method: another graph).
+pub type Shape = (i64, i64, bool);
 
 /// A recorded forward pass with the tensors it reads and writes. The inputs
-/// are copied into before each replay; the output is overwritten by it.
+/// are copied into before each replay; the outputs are overwritten by it.
 pub struct RecordedForward {
     pub left: Tensor,
     pub right: Tensor,
-    pub output: Tensor,
+    pub outputs: Vec<Tensor>,
     // Declared last: dropped after nothing else refers to its memory pool's tensors.
     pub graph: CudaGraph,
 }
@@ -110,26 +111,26 @@ mod tests {
     #[test]
     fn a_shape_is_recorded_after_its_eager_runs() {
         let mut cache = GraphCache::new(2);
-        assert_eq!(cache.plan((384, 1248)), Plan::Eager);
-        assert_eq!(cache.plan((384, 1248)), Plan::Eager);
-        assert_eq!(cache.plan((384, 1248)), Plan::Record { evict: None });
+        assert_eq!(cache.plan((384, 1248, false)), Plan::Eager);
+        assert_eq!(cache.plan((384, 1248, false)), Plan::Eager);
+        assert_eq!(cache.plan((384, 1248, false)), Plan::Record { evict: None });
         // Counting is per shape.
-        assert_eq!(cache.plan((256, 512)), Plan::Eager);
+        assert_eq!(cache.plan((256, 512, false)), Plan::Eager);
     }
 
     #[test]
     fn a_failed_shape_stays_eager_and_no_capacity_means_never() {
         let mut cache = GraphCache::new(2);
         for _ in 0..EAGER_RUNS_BEFORE_RECORDING {
-            cache.plan((256, 256));
+            cache.plan((256, 256, false));
         }
-        cache.mark_failed((256, 256));
+        cache.mark_failed((256, 256, false));
         for _ in 0..5 {
-            assert_eq!(cache.plan((256, 256)), Plan::Eager);
+            assert_eq!(cache.plan((256, 256, false)), Plan::Eager);
         }
         let mut off = GraphCache::new(0);
         for _ in 0..5 {
-            assert_eq!(off.plan((256, 256)), Plan::Eager);
+            assert_eq!(off.plan((256, 256, false)), Plan::Eager);
         }
         assert!(off.shapes().is_empty());
     }

@@ -102,6 +102,9 @@ impl StereoPair {
 #[derive(Debug)]
 pub struct Prediction {
     pub disparity: DisparityMap,
+    /// Standard deviation (px) of the network's distribution over disparities
+    /// at each pixel, when asked for: how far to trust each value.
+    pub uncertainty: Option<DisparityMap>,
     /// Time spent waiting in the queue.
     pub queue: Duration,
     /// Preprocessing, forward pass, copy back and crop, on the engine thread.
@@ -178,6 +181,8 @@ type PairSlot = Arc<Mutex<Option<StereoPair>>>;
 
 struct Job {
     pair: PairSlot,
+    /// Also compute the per-pixel standard deviation (the model's second method).
+    with_uncertainty: bool,
     reply: oneshot::Sender<Result<Prediction, EngineError>>,
     span: Span,
     enqueued: Instant,
@@ -360,6 +365,16 @@ impl Engine {
     /// Dropping the returned future (client gone) frees the request's place
     /// immediately; if its job has not started, the engine skips it.
     pub async fn predict(&self, pair: StereoPair) -> Result<Prediction, EngineError> {
+        self.queue(pair, false).await
+    }
+
+    /// [`predict`](Self::predict), with the disparity's per-pixel standard
+    /// deviation in [`Prediction::uncertainty`] (from the same pass).
+    pub async fn predict_with_uncertainty(&self, pair: StereoPair) -> Result<Prediction, EngineError> {
+        self.queue(pair, true).await
+    }
+
+    async fn queue(&self, pair: StereoPair, with_uncertainty: bool) -> Result<Prediction, EngineError> {
         match &*self.status.borrow() {
             EngineStatus::Ready(_) => {}
             EngineStatus::Loading => return Err(EngineError::NotReady),
@@ -370,7 +385,7 @@ impl Engine {
         let slot: PairSlot = Arc::new(Mutex::new(Some(pair)));
         let _abandon = AbandonOnDrop(slot.clone());
         let (reply, answer) = oneshot::channel();
-        let job = Job { pair: slot, reply, span: Span::current(), enqueued: Instant::now() };
+        let job = Job { pair: slot, with_uncertainty, reply, span: Span::current(), enqueued: Instant::now() };
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => full(),
             mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tch::{CModule, Device, Kind, Tensor};
+use tch::{CModule, Device, IValue, Kind, Tensor};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
@@ -188,6 +188,18 @@ impl Precision {
     }
 }
 
+/// Whether an x86-64 CPU has the instructions libtorch's fast bf16 kernels
+/// need (AVX-512 BF16 or AMX), from the kernel's CPU flags; `None` where that
+/// cannot be read (another architecture or OS), and the timing probe decides.
+fn cpu_has_bf16_instructions() -> Option<bool> {
+    if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        return None;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let flags = cpuinfo.lines().find(|line| line.starts_with("flags"))?;
+    Some(flags.split_whitespace().any(|flag| flag == "avx512_bf16" || flag == "amx_bf16"))
+}
+
 /// Refuses bf16 on a CPU that has no fast bf16 kernels. Without AVX-512 BF16
 /// or AMX, libtorch computes bf16 3D convolutions by a reference path that
 /// measured 600 times slower than fp32 on an AVX2 EPYC (104 s for one of
@@ -195,6 +207,18 @@ impl Precision {
 /// up. One small 3D convolution in each type tells (milliseconds where bf16 is
 /// fast, about a second where it is not).
 fn check_cpu_bf16_speed() -> Result<(), String> {
+    // The CPU's flags first: a timing can be fooled by other work on the machine (a
+    // busy CI runner slowed the fp32 runs enough to let bf16 through, and a bf16 pass
+    // then ran for hours), the flags cannot.
+    match cpu_has_bf16_instructions() {
+        Some(false) => {
+            return Err("precision bf16 is refused on this CPU: it has no fast bf16 kernels (neither AVX-512 BF16 \
+                        nor AMX in its flags); use fp32, or run on CUDA"
+                .into())
+        }
+        Some(true) => return Ok(()),
+        None => {}
+    }
     let probe = || -> Result<(f64, f64), tch::TchError> {
         let _no_grad = tch::no_grad_guard();
         let input = Tensor::f_ones([1, 16, 8, 24, 24], (Kind::Float, Device::Cpu))?;
@@ -344,8 +368,16 @@ struct StereoModel {
     graphs: Option<RefCell<GraphCache>>,
 }
 
-/// A disparity map and where the engine's time went.
-type Timed = (DisparityMap, InferencePhases);
+/// What one prediction yields: the disparity, its uncertainty when asked
+/// for, and where the engine's time went.
+struct Timed {
+    disparity: DisparityMap,
+    uncertainty: Option<DisparityMap>,
+    phases: InferencePhases,
+}
+
+/// The exported module's method that returns the disparity and its standard deviation.
+const WITH_UNCERTAINTY: &str = "forward_with_uncertainty";
 
 impl StereoModel {
     fn load(config: &EngineConfig) -> Result<Self, String> {
@@ -425,10 +457,11 @@ impl StereoModel {
         })
     }
 
-    /// Disparity of `pair`'s left image. Every libtorch call is the fallible
-    /// variant, so a failure becomes an error for this request only.
-    fn predict(&self, pair: &StereoPair) -> Result<Timed, EngineError> {
-        let result = self.predict_timed(pair);
+    /// Disparity of `pair`'s left image (and its per-pixel standard deviation
+    /// when `with_uncertainty`). Every libtorch call is the fallible variant,
+    /// so a failure becomes an error for this request only.
+    fn predict(&self, pair: &StereoPair, with_uncertainty: bool) -> Result<Timed, EngineError> {
+        let result = self.predict_timed(pair, with_uncertainty);
         if result.is_err() {
             // Nothing may still be copying from the pinned buffers when the next request writes them.
             self.synchronize();
@@ -436,7 +469,7 @@ impl StereoModel {
         result
     }
 
-    fn predict_timed(&self, pair: &StereoPair) -> Result<Timed, EngineError> {
+    fn predict_timed(&self, pair: &StereoPair, with_uncertainty: bool) -> Result<Timed, EngineError> {
         let _no_grad = tch::no_grad_guard();
         let started = Instant::now();
         let (width, height) = pair.dimensions();
@@ -465,39 +498,64 @@ impl StereoModel {
         let left = input(pair.left(), pinned.map(|p| &p.left)).map_err(torch_error)?;
         let right = input(pair.right(), pinned.map(|p| &p.right)).map_err(torch_error)?;
         let uploaded = Instant::now();
-        let output = self.forward(&left, &right)?;
+        let outputs = self.forward(&left, &right, with_uncertainty)?;
         // Waiting here only moves the wait the copy back would do; it splits the phases.
         self.synchronize();
         let forwarded = Instant::now();
-        let values = match pinned {
-            Some(p) => cropped_output_pinned(&output, &geometry, &p.output),
-            None => cropped_output(&output, &geometry),
+        let mut maps = Vec::with_capacity(outputs.len());
+        for (i, output) in outputs.iter().enumerate() {
+            let values = match pinned {
+                Some(p) => cropped_output_pinned(output, &geometry, &p.outputs[i.min(1)]),
+                None => cropped_output(output, &geometry),
+            }
+            .map_err(torch_error)?
+            .ok_or_else(|| {
+                EngineError::Inference(format!(
+                    "network returned {} values for a {}x{} input",
+                    output.numel(),
+                    geometry.padded_width,
+                    geometry.padded_height
+                ))
+            })?;
+            maps.push(DisparityMap::new(width, height, values).expect("crop yields one value per pixel"));
         }
-        .map_err(torch_error)?
-        .ok_or_else(|| {
-            EngineError::Inference(format!(
-                "network returned {} values for a {}x{} input",
-                output.numel(),
-                geometry.padded_width,
-                geometry.padded_height
-            ))
-        })?;
         let phases = InferencePhases {
             upload: uploaded - started,
             forward: forwarded - uploaded,
             download: forwarded.elapsed(),
         };
-        Ok((DisparityMap::new(width, height, values).expect("crop yields one value per pixel"), phases))
+        let mut maps = maps.into_iter();
+        let disparity = maps.next().ok_or_else(|| EngineError::Inference("the network returned nothing".into()))?;
+        Ok(Timed { disparity, uncertainty: maps.next(), phases })
     }
 
-    /// The network's output for two prepared inputs: a recorded CUDA graph's
+    /// The network's outputs (the disparity, then the deviation when
+    /// `with_uncertainty`) for two prepared inputs, straight from the module.
+    fn run_module(&self, left: &Tensor, right: &Tensor, with_uncertainty: bool) -> Result<Vec<Tensor>, tch::TchError> {
+        if !with_uncertainty {
+            return Ok(vec![self.module.forward_ts(&[left, right])?]);
+        }
+        let inputs = [IValue::Tensor(left.shallow_clone()), IValue::Tensor(right.shallow_clone())];
+        match self.module.method_is(WITH_UNCERTAINTY, &inputs)? {
+            IValue::Tuple(values) => values
+                .into_iter()
+                .map(|value| match value {
+                    IValue::Tensor(tensor) => Ok(tensor),
+                    other => Err(tch::TchError::Kind(format!("{WITH_UNCERTAINTY} returned {other:?}"))),
+                })
+                .collect(),
+            other => Err(tch::TchError::Kind(format!("{WITH_UNCERTAINTY} returned {other:?}, not two tensors"))),
+        }
+    }
+
+    /// The network's outputs for two prepared inputs: a recorded CUDA graph's
     /// replay where the shape has one, else the TorchScript module (recording
     /// the shape when it is due).
-    fn forward(&self, left: &Tensor, right: &Tensor) -> Result<Tensor, EngineError> {
-        let eager = || self.module.forward_ts(&[left, right]).map_err(torch_error);
+    fn forward(&self, left: &Tensor, right: &Tensor, with_uncertainty: bool) -> Result<Vec<Tensor>, EngineError> {
+        let eager = || self.run_module(left, right, with_uncertainty).map_err(torch_error);
         let (Some(cell), Device::Cuda(index)) = (&self.graphs, self.device) else { return eager() };
         let mut graphs = cell.try_borrow_mut().map_err(|_| EngineError::Inference("graph cache in use".into()))?;
-        let shape = (left.size()[2], left.size()[3]);
+        let shape = (left.size()[2], left.size()[3], with_uncertainty);
         match graphs.plan(shape) {
             Plan::Eager => return eager(),
             Plan::Replay => {}
@@ -507,7 +565,7 @@ impl StereoModel {
                     debug!(?old, "dropped the least recently used CUDA graph");
                 }
                 let started = Instant::now();
-                match self.record(index, left, right) {
+                match self.record(index, left, right, with_uncertainty) {
                     Ok(recorded) => {
                         graphs.insert(shape, recorded);
                         let recorded = graphs.shapes();
@@ -533,20 +591,26 @@ impl StereoModel {
         recorded.left.shallow_clone().f_copy_(left).map_err(torch_error)?;
         recorded.right.shallow_clone().f_copy_(right).map_err(torch_error)?;
         recorded.graph.replay().map_err(EngineError::Inference)?;
-        Ok(recorded.output.shallow_clone())
+        Ok(recorded.outputs.iter().map(Tensor::shallow_clone).collect())
     }
 
     /// Records one forward pass reading fixed input tensors (made here, outside
     /// the recording, so they stay valid for every replay).
-    fn record(&self, index: usize, left: &Tensor, right: &Tensor) -> Result<RecordedForward, String> {
+    fn record(
+        &self,
+        index: usize,
+        left: &Tensor,
+        right: &Tensor,
+        with_uncertainty: bool,
+    ) -> Result<RecordedForward, String> {
         let fixed = |t: &Tensor| -> Result<Tensor, tch::TchError> {
             let mut copy = t.f_empty_like()?;
             copy.f_copy_(t)?;
             Ok(copy)
         };
         let (left, right) = (fixed(left).map_err(|e| e.to_string())?, fixed(right).map_err(|e| e.to_string())?);
-        let (graph, output) = CudaGraph::record(index, || self.module.forward_ts(&[&left, &right]))?;
-        Ok(RecordedForward { left, right, output, graph })
+        let (graph, outputs) = CudaGraph::record(index, || self.run_module(&left, &right, with_uncertainty))?;
+        Ok(RecordedForward { left, right, outputs, graph })
     }
 
     /// Waits for the model's CUDA device (nothing on the CPU).
@@ -595,9 +659,14 @@ impl StereoModel {
     }
 
     /// `predict`, or the failure a test armed for this inference.
-    fn predict_or_fault(&self, pair: &StereoPair, faults: Option<&FaultInjector>) -> Result<Timed, EngineError> {
+    fn predict_or_fault(
+        &self,
+        pair: &StereoPair,
+        with_uncertainty: bool,
+        faults: Option<&FaultInjector>,
+    ) -> Result<Timed, EngineError> {
         match faults.and_then(FaultInjector::next) {
-            None => self.predict(pair),
+            None => self.predict(pair, with_uncertainty),
             Some(Fault::TorchError) => {
                 // One channel where the network expects three: libtorch raises a real error.
                 let _no_grad = tch::no_grad_guard();
@@ -625,9 +694,11 @@ fn warm_up(model: &StereoModel, sizes: &[ImageSize], shared: &EngineShared) -> R
         let pair = StereoPair::new(blank.clone(), blank).expect("same size");
         // On CUDA the asked-for sizes run until they replay a recorded graph (or,
         // without graphs, until the profiling executor's optimised pass has run).
+        // The smallest runs the uncertainty method, which also proves the model
+        // file has it (an export older than it would fail here, not on a request).
         let passes = if i > 0 && model.device.is_cuda() { EAGER_RUNS_BEFORE_RECORDING + 1 } else { 1 };
         for _ in 0..passes {
-            match catch_unwind(AssertUnwindSafe(|| model.predict(&pair))) {
+            match catch_unwind(AssertUnwindSafe(|| model.predict(&pair, i == 0))) {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("warm-up inference at {size} failed: {e}")),
                 Err(_) => return Err(format!("warm-up inference at {size} panicked")),
@@ -685,7 +756,10 @@ pub(super) fn run_engine(
         let (width, height) = pair.dimensions();
         let pixels = model.rule.geometry(width, height).padded_len() as u64;
         shared.pace.start(pixels);
-        let result = match catch_unwind(AssertUnwindSafe(|| model.predict_or_fault(&pair, config.faults.as_deref()))) {
+        let with_uncertainty = job.with_uncertainty;
+        let result = match catch_unwind(AssertUnwindSafe(|| {
+            model.predict_or_fault(&pair, with_uncertainty, config.faults.as_deref())
+        })) {
             Ok(result) => result,
             Err(_) => Err(EngineError::Inference("the inference code panicked".into())),
         };
@@ -703,7 +777,13 @@ pub(super) fn run_engine(
         shared.pace.finish();
         model.record_cuda_memory(&shared);
         // The receiver may have gone while we ran; nothing to do then.
-        let _ = job.reply.send(result.map(|(disparity, phases)| Prediction { disparity, queue, inference, phases }));
+        let _ = job.reply.send(result.map(|Timed { disparity, uncertainty, phases }| Prediction {
+            disparity,
+            uncertainty,
+            queue,
+            inference,
+            phases,
+        }));
     }
     debug!("all engine handles dropped; engine thread exits");
 }

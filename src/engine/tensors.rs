@@ -58,12 +58,13 @@ impl Normaliser {
 }
 
 /// Page-locked (pinned) host buffers for one image size on a CUDA device: the
-/// two inputs, HWC float, and the cropped disparity. Kept between requests and
-/// remade when the size changes, since pinning memory is slow.
+/// two inputs, HWC float, and the cropped outputs (disparity, uncertainty).
+/// Kept between requests and remade when the size changes, since pinning
+/// memory is slow.
 pub struct PinnedStaging {
     pub left: Tensor,
     pub right: Tensor,
-    pub output: Tensor,
+    pub outputs: [Tensor; 2],
 }
 
 impl PinnedStaging {
@@ -73,13 +74,13 @@ impl PinnedStaging {
         Ok(PinnedStaging {
             left: pinned(&[height, width, 3])?,
             right: pinned(&[height, width, 3])?,
-            output: pinned(&[height, width])?,
+            outputs: [pinned(&[height, width])?, pinned(&[height, width])?],
         })
     }
 
     /// Whether these buffers are the ones for `geometry`'s image size.
     pub fn fits(&self, geometry: &InputGeometry) -> bool {
-        self.output.size() == [i64::from(geometry.height), i64::from(geometry.width)]
+        self.outputs[0].size() == [i64::from(geometry.height), i64::from(geometry.width)]
     }
 
     /// Copies the two images into the input buffers, side by side on two
