@@ -60,6 +60,28 @@ fn predict_writes_pfm_png16_and_colour() {
     let out = run("d.jpg", &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(".pfm or .png"));
+
+    // The deviation beside the disparity, and masking by it.
+    let out = run("m.pfm", &["--uncertainty", "u.pfm", "--max-uncertainty", "0.8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("uncertainty (standard deviation)") && summary.contains("marked as without value"));
+    let sigma = pfm::decode(&std::fs::read(dir.join("u.pfm")).unwrap()).unwrap();
+    let masked = pfm::decode(&std::fs::read(dir.join("m.pfm")).unwrap()).unwrap();
+    assert_eq!((sigma.width(), sigma.height()), (64, 48));
+    for ((&s, &m), &d) in sigma.values().iter().zip(masked.values()).zip(map.values()) {
+        assert!(s.is_finite() && s >= 0.0);
+        if s > 0.8 {
+            assert_eq!(m, f32::INFINITY, "a pixel above the limit keeps a value");
+        } else {
+            assert!((m - d).abs() < 1e-3, "an unmasked pixel changed: {m} vs {d}");
+        }
+    }
+    for bad in ["--max-uncertainty=-1", "--max-uncertainty=nan", "--max-uncertainty=0", "--uncertainty=u.png"] {
+        let out = run("x.pfm", &[bad]);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("uncertainty"), "{bad:?}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -105,9 +127,22 @@ fn eval_scores_pairs_and_saves_predictions_and_error_maps() {
     }
     assert_eq!(report["overall"]["valid_pixels"], 75_000);
     assert!(pair["inference_ms"].as_f64().unwrap() > 0.0);
-    for file in ["disparity.pfm", "disparity_color.png", "error.png"] {
+    for file in ["disparity.pfm", "uncertainty.pfm", "disparity_color.png", "error.png"] {
         assert!(out.join("synthetic_crop").join(file).is_file(), "{file} not saved");
     }
+    // How well the deviation ranks the errors: the most certain pixels are the better ones.
+    let s = &pair["sparsification"];
+    let kept: Vec<(f64, f64)> = s["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["fraction"].as_f64().unwrap(), k["epe"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(kept.iter().map(|k| k.0).collect::<Vec<_>>(), [1.0, 0.9, 0.8, 0.5]);
+    assert!((kept[0].1 - m["epe"].as_f64().unwrap()).abs() < 1e-9, "all pixels' EPE is the EPE");
+    assert!(kept[3].1 < kept[0].1, "{s}");
+    assert!(s["oracle_auc_epe"].as_f64().unwrap() <= s["auc_epe"].as_f64().unwrap());
+    assert!(report["overall_sparsification"]["kept"].is_array());
 
     // The table form names every column the benchmarks use.
     let table = Command::new(BIN)
@@ -117,7 +152,9 @@ fn eval_scores_pairs_and_saves_predictions_and_error_maps() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&table.stdout);
-    for column in ["EPE px", "D1 %", "bad-1 %", "bad-2 %", "bad-3 %", "valid px", "excluded"] {
+    for column in
+        ["EPE px", "D1 %", "bad-1 %", "bad-2 %", "bad-3 %", "valid px", "excluded", "D1 80 % / all", "AUC EPE"]
+    {
         assert!(text.contains(column), "{column} missing from:\n{text}");
     }
     std::fs::remove_dir_all(&out).ok();
