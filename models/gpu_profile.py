@@ -33,6 +33,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Tuple
 
 import torch
 from PIL import Image
@@ -44,27 +45,10 @@ from reference import load_model, load_rgb, preprocess
 class BatchedFeatures(psmnet.PSMNet):
     """The network with both images through the feature extractor at once."""
 
-    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        features = self.feature_extraction(torch.cat([left, right], 0))
+    def features(self, left: torch.Tensor, right: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        both = self.feature_extraction(torch.cat([left, right], 0))
         b = left.shape[0]
-        cost = self.cost_volume(features[:b], features[b:])
-        cost0 = self.dres0(cost)
-        cost0 = self.dres1(cost0) + cost0
-        out1, pre1, post1 = self.dres2(cost0, None, None)
-        out1 = out1 + cost0
-        out2, _, post2 = self.dres3(out1, pre1, post1)
-        out2 = out2 + cost0
-        out3, _, _ = self.dres4(out2, pre1, post2)
-        out3 = out3 + cost0
-        logits = self.classif1(out1)
-        logits = self.classif2(out2) + logits
-        logits = self.classif3(out3) + logits
-        full = [self.maxdisp, left.shape[2], left.shape[3]]
-        logits = torch.nn.functional.interpolate(logits.float(), size=full, mode="trilinear",
-                                                 align_corners=self.align_corners)
-        prob = torch.nn.functional.softmax(logits.squeeze(1), dim=1)
-        disparities = torch.arange(self.maxdisp, dtype=prob.dtype, device=prob.device)
-        return (prob * disparities.view(1, -1, 1, 1)).sum(1)
+        return both[:b], both[b:]
 
 
 class BlockMean(torch.nn.Module):

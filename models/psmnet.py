@@ -241,9 +241,14 @@ class PSMNet(nn.Module):
         variance = (prob * (disparities - mean.unsqueeze(1)).pow(2)).sum(1)
         return mean, variance.sqrt()
 
+    def features(self, left: torch.Tensor, right: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Feature maps of both images (one extractor, shared weights)."""
+        return self.feature_extraction(left), self.feature_extraction(right)
+
     def probabilities(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """(B, maxdisp, H, W) fp32: for each pixel, the probability of each integer disparity."""
-        cost = self.cost_volume(self.feature_extraction(left), self.feature_extraction(right))
+        left_features, right_features = self.features(left, right)
+        cost = self.cost_volume(left_features, right_features)
 
         cost0 = self.dres0(cost)
         cost0 = self.dres1(cost0) + cost0
