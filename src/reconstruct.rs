@@ -9,7 +9,17 @@
 //! - it is **occluded** in the right view: a nearer surface (a disparity more
 //!   than 1 px larger) lands on the same right-image column, so what the right
 //!   camera saw there was something else (a z-buffer of the right image, per row);
-//! - it lies **beyond the maximum depth** asked for.
+//! - it lies **beyond the maximum depth** asked for;
+//! - its disparity was masked as **too uncertain** (`max_uncertainty`; marked
+//!   after the fact by [`DepthMap::mark_uncertain`]).
+//!
+//! Depth uncertainty is the disparity's standard deviation carried through
+//! `Z = f B / (d + doffs)` to first order: `|dZ/dd| = f B / (d + doffs)^2 =
+//! Z^2 / (f B)`, so `sigma_Z = Z^2 / (f B) * sigma_d`. It assumes an exact
+//! calibration (f, B and doffs carry no error of their own) and a deviation
+//! small beside `d + doffs`: the true spread of `Z` is skewed (wider on the far
+//! side), so for far points, where `sigma_d` is a fair part of `d`, the figure is
+//! a lower bound.
 //!
 //! Point clouds are in the original left camera's frame (x right, y down, z
 //! forward): the rectification rotation is undone, so points from a rectified
@@ -31,6 +41,8 @@ pub enum PixelStatus {
     OutOfView,
     Occluded,
     TooFar,
+    /// Its disparity's deviation was above the limit asked for.
+    Uncertain,
 }
 
 /// Depth of the (rectified) left image, in `units`; excluded pixels hold +inf.
@@ -58,6 +70,8 @@ pub struct DepthStats {
     pub out_of_view_pixels: usize,
     pub occluded_pixels: usize,
     pub beyond_max_depth_pixels: usize,
+    /// Pixels left out because their disparity's deviation was above `max_uncertainty`.
+    pub too_uncertain_pixels: usize,
     pub max_depth: Option<f64>,
 }
 
@@ -135,8 +149,39 @@ impl DepthMap {
             out_of_view_pixels: count(PixelStatus::OutOfView),
             occluded_pixels: count(PixelStatus::Occluded),
             beyond_max_depth_pixels: count(PixelStatus::TooFar),
+            too_uncertain_pixels: count(PixelStatus::Uncertain),
             max_depth,
         }
+    }
+
+    /// Says which pixels have no depth because their disparity was masked as
+    /// too uncertain (deviation `sigma` above `max_sigma`, or not a number):
+    /// masking turns them into "no value", which [`depth_map`] calls invalid.
+    pub fn mark_uncertain(&mut self, sigma: &DisparityMap, max_sigma: f32) {
+        assert_eq!(sigma.values().len(), self.status.len(), "maps differ in size");
+        for (status, &s) in self.status.iter_mut().zip(sigma.values()) {
+            if *status == PixelStatus::Invalid && (s > max_sigma || s.is_nan()) {
+                *status = PixelStatus::Uncertain;
+            }
+        }
+    }
+
+    /// Standard deviation of each depth, `Z^2 / (f B) * sigma_d`, in the
+    /// calibration's units (see the module's note); +inf where there is no depth.
+    pub fn uncertainty(&self, sigma: &DisparityMap) -> Vec<f32> {
+        assert_eq!(sigma.values().len(), self.values.len(), "maps differ in size");
+        let per_px = 1.0 / (self.camera.fx * self.camera.baseline);
+        self.values
+            .iter()
+            .zip(sigma.values())
+            .map(|(&z, &s)| {
+                if z.is_finite() && s.is_finite() {
+                    (f64::from(z) * f64::from(z) * per_px * f64::from(s)) as f32
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .collect()
     }
 
     /// float32 PFM in the calibration's units, +inf where there is no depth.
@@ -211,6 +256,26 @@ impl DepthMap {
         }
         points
     }
+
+    /// Per point of [`DepthMap::point_cloud`] (same order: pixels with a depth,
+    /// row by row), the disparity's deviation (px) and the depth's (units).
+    pub fn point_uncertainties(&self, sigma: &DisparityMap) -> Vec<PointUncertainty> {
+        let depth_sigma = self.uncertainty(sigma);
+        self.values
+            .iter()
+            .zip(sigma.values().iter().zip(depth_sigma))
+            .filter(|(z, _)| z.is_finite())
+            .map(|(_, (&disparity, depth))| PointUncertainty { disparity, depth })
+            .collect()
+    }
+}
+
+/// How far to trust one point: standard deviations of its disparity (px) and
+/// of its depth (the calibration's units).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PointUncertainty {
+    pub disparity: f32,
+    pub depth: f32,
 }
 
 /// One point of the cloud.
@@ -223,17 +288,40 @@ pub struct Point {
 /// Binary little-endian PLY (x y z float, red green blue uchar), which
 /// MeshLab, CloudCompare, Open3D and plyfile read.
 pub fn encode_ply(points: &[Point], units: &str) -> Vec<u8> {
+    encode_ply_with_uncertainty(points, None, units)
+}
+
+/// [`encode_ply`], and with `uncertainty` (one per point) two more float
+/// properties per vertex, `sigma_disparity` (px) and `sigma_depth` (units),
+/// which CloudCompare shows as scalar fields and plyfile/Open3D's tensor API read.
+pub fn encode_ply_with_uncertainty(points: &[Point], uncertainty: Option<&[PointUncertainty]>, units: &str) -> Vec<u8> {
+    if let Some(u) = uncertainty {
+        assert_eq!(u.len(), points.len(), "one uncertainty per point");
+    }
+    let (note, extra) = if uncertainty.is_some() {
+        (
+            "comment sigma_disparity: standard deviation of the disparity, px; sigma_depth: of the depth, units of x y z\n",
+            "property float sigma_disparity\nproperty float sigma_depth\n",
+        )
+    } else {
+        ("", "")
+    };
     let header = format!(
-        "ply\nformat binary_little_endian 1.0\ncomment stereo-recon PSMNet reconstruction\ncomment units {units}; left camera frame: x right, y down, z forward\nelement vertex {}\nproperty float x\nproperty float y\nproperty float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n",
+        "ply\nformat binary_little_endian 1.0\ncomment stereo-recon PSMNet reconstruction\ncomment units {units}; left camera frame: x right, y down, z forward\n{note}element vertex {}\nproperty float x\nproperty float y\nproperty float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\n{extra}end_header\n",
         points.len()
     );
-    let mut out = Vec::with_capacity(header.len() + points.len() * 15);
+    let record = if uncertainty.is_some() { 23 } else { 15 };
+    let mut out = Vec::with_capacity(header.len() + points.len() * record);
     out.extend_from_slice(header.as_bytes());
-    for p in points {
+    for (i, p) in points.iter().enumerate() {
         for v in p.position {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&p.colour);
+        if let Some(u) = uncertainty {
+            out.extend_from_slice(&u[i].disparity.to_le_bytes());
+            out.extend_from_slice(&u[i].depth.to_le_bytes());
+        }
     }
     out
 }
@@ -312,6 +400,45 @@ mod tests {
         let turned = depth.point_cloud(&colours, &geometry::rodrigues(&[0.0, std::f64::consts::FRAC_PI_2, 0.0]));
         let p = turned.last().unwrap().position;
         assert!((p[0] - 50.0).abs() < 1e-4 && (p[2] + 2.25).abs() < 1e-4, "{p:?}");
+    }
+
+    #[test]
+    fn depth_uncertainty_is_z_squared_over_f_b_times_sigma_and_masked_pixels_are_uncertain() {
+        // d = 2 everywhere (Z = 25 m, f B = 50), with the last pixel masked (no value).
+        let mut row = vec![2.0f32; 10];
+        row[9] = f32::INFINITY;
+        let sigma = DisparityMap::new(10, 1, vec![0.1; 9].into_iter().chain([5.0]).collect()).unwrap();
+        let mut depth = depth_map(&DisparityMap::new(10, 1, row).unwrap(), &camera(), None);
+        assert_eq!(depth.status[9], PixelStatus::Invalid);
+        depth.mark_uncertain(&sigma, 1.0);
+        assert_eq!(depth.status[9], PixelStatus::Uncertain);
+        assert_eq!(depth.status[0], PixelStatus::OutOfView, "other reasons stay");
+        assert_eq!(depth.stats(None).too_uncertain_pixels, 1);
+        let sigma_z = depth.uncertainty(&sigma);
+        // 25^2 / 50 * 0.1 = 1.25 m; no depth, no depth uncertainty.
+        assert!((sigma_z[5] - 1.25).abs() < 1e-6, "{}", sigma_z[5]);
+        assert!(sigma_z[0].is_infinite() && sigma_z[9].is_infinite());
+        // Same as the derivative of Z(d) by finite differences.
+        let z = |d: f64| camera().depth(d).unwrap();
+        let slope = (z(2.0 - 1e-4) - z(2.0 + 1e-4)) / 2e-4;
+        assert!((slope * 0.1 - 1.25).abs() < 1e-6);
+        let per_point = depth.point_uncertainties(&sigma);
+        assert_eq!(per_point.len(), depth.values.iter().filter(|z| z.is_finite()).count());
+        assert_eq!(per_point[0], PointUncertainty { disparity: 0.1, depth: sigma_z[2] });
+    }
+
+    #[test]
+    fn ply_with_uncertainty_adds_two_float_properties() {
+        let points = [Point { position: [1.0, -2.0, 3.5], colour: [10, 20, 30] }; 2];
+        let u = [PointUncertainty { disparity: 0.5, depth: 0.25 }, PointUncertainty { disparity: 2.0, depth: 4.0 }];
+        let ply = encode_ply_with_uncertainty(&points, Some(&u), "m");
+        let text = String::from_utf8_lossy(&ply);
+        assert!(text.contains("property uchar blue\nproperty float sigma_disparity\nproperty float sigma_depth\n"));
+        let body = &ply[text.find("end_header\n").unwrap() + 11..];
+        assert_eq!(body.len(), 2 * 23);
+        assert_eq!(&body[15..19], &0.5f32.to_le_bytes());
+        assert_eq!(&body[23 + 19..46], &4.0f32.to_le_bytes());
+        assert_eq!(encode_ply_with_uncertainty(&points, None, "m"), encode_ply(&points, "m"));
     }
 
     #[test]

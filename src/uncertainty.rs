@@ -21,16 +21,35 @@ pub struct UncertaintyStats {
 
 /// The summary of `sigma`; zeros for a map without a finite value.
 pub fn stats(sigma: &DisparityMap) -> UncertaintyStats {
-    let mut values: Vec<f32> = sigma.values().iter().copied().filter(|v| v.is_finite()).collect();
+    stats_of(sigma.values())
+}
+
+/// The summary of any deviations (px, or a depth's units), over the finite ones.
+pub fn stats_of(values: &[f32]) -> UncertaintyStats {
+    let mut values: Vec<f32> = values.iter().copied().filter(|v| v.is_finite()).collect();
     if values.is_empty() {
         return UncertaintyStats { mean: 0.0, median: 0.0, p90: 0.0 };
     }
     let mean = (values.iter().map(|&v| f64::from(v)).sum::<f64>() / values.len() as f64) as f32;
-    let rank = |q: f64| ((q * (values.len() - 1) as f64).round() as usize).min(values.len() - 1);
-    let (median_at, p90_at) = (rank(0.5), rank(0.9));
+    let (median_at, p90_at) = (rank(values.len(), 0.5), rank(values.len(), 0.9));
     let (_, &mut p90, _) = values.select_nth_unstable_by(p90_at, f32::total_cmp);
     let (_, &mut median, _) = values.select_nth_unstable_by(median_at, f32::total_cmp);
     UncertaintyStats { mean, median, p90 }
+}
+
+/// The `q` quantile (nearest rank) of the finite values of `sigma`; 0 without any.
+pub fn quantile(sigma: &DisparityMap, q: f64) -> f32 {
+    let mut values: Vec<f32> = sigma.values().iter().copied().filter(|v| v.is_finite()).collect();
+    if values.is_empty() {
+        return 0.0;
+    }
+    let at = rank(values.len(), q);
+    *values.select_nth_unstable_by(at, f32::total_cmp).1
+}
+
+/// Index of the `q` quantile among `len` sorted values (nearest rank).
+fn rank(len: usize, q: f64) -> usize {
+    ((q.clamp(0.0, 1.0) * (len - 1) as f64).round() as usize).min(len - 1)
 }
 
 /// `disparity` with every pixel whose deviation is above `max_sigma` (or not a
@@ -73,6 +92,9 @@ mod tests {
         assert_eq!(s.median, 1.5);
         assert_eq!(s.p90, 4.0); // rank round(0.9 * 8) = 7
         assert_eq!(stats(&row(&[f32::NAN])), UncertaintyStats { mean: 0.0, median: 0.0, p90: 0.0 });
+        assert_eq!(quantile(&sigma, 0.99), 10.0);
+        assert_eq!(quantile(&sigma, 0.0), 0.25);
+        assert_eq!(quantile(&row(&[f32::INFINITY]), 0.5), 0.0);
     }
 
     #[test]

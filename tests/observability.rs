@@ -254,13 +254,25 @@ async fn a_full_json_answer_matches_its_schema() {
         (read("left.png"), read("right.png"), read("disp_gt.pfm"), read("calib.json"));
     let fields: [(&str, &[u8]); 4] =
         [("left", &left), ("right", &right), ("ground_truth", &truth), ("calibration", &calibration)];
-    let reply = send(&app, multipart_request("/api/v1/disparity?format=json&include_pfm=true", &fields)).await;
+    let uri = "/api/v1/disparity?format=json&include_pfm=true&max_uncertainty=1.5";
+    let reply = send(&app, multipart_request(uri, &fields)).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
     let answer = reply.json();
-    for key in ["pfm", "error_png", "depth_color_png", "depth_pfm"] {
+    for key in [
+        "pfm",
+        "error_png",
+        "depth_color_png",
+        "depth_pfm",
+        "uncertainty_png",
+        "uncertainty_pfm",
+        "depth_uncertainty_pfm",
+    ] {
         assert!(answer["images"][key].is_string(), "{key} missing: the check would not cover it");
     }
-    assert!(answer["evaluation"].is_object() && answer["reconstruction"].is_object());
+    for block in ["evaluation", "reconstruction", "uncertainty", "sparsification", "evaluation_kept"] {
+        assert!(answer[block].is_object(), "{block} missing: the check would not cover it");
+    }
+    assert!(answer["reconstruction"]["depth_uncertainty"].is_object());
 
     let document = get(&app, "/api/v1/openapi.json").await;
     let script = r#"

@@ -7,7 +7,7 @@ mod common;
 use axum::http::StatusCode;
 use common::*;
 use image::{Rgb32FImage, RgbImage};
-use stereo_recon::calibration::{formats, Calibration};
+use stereo_recon::calibration::formats;
 use stereo_recon::codec::pfm;
 use stereo_recon::disparity::DisparityMap;
 use stereo_recon::engine::{Engine, StereoPair};
@@ -274,33 +274,11 @@ async fn a_turned_rig_is_rectified_so_matches_share_a_row_and_depth_is_right() {
     assert!(raw_mean > 2.0 * mean, "rectification should matter: {raw_mean} vs {mean}");
 }
 
-/// A small rendered pair and its calibration, for API and CLI tests (fast on CPU).
-fn small_scene() -> (Vec<u8>, Vec<u8>, Calibration) {
-    let pair = synthetic::render(256, 192);
-    let k = pair.intrinsics;
-    let calibration = formats::read_json(&format!(
-        r#"{{"image_size": [256, 192], "units": "m",
-            "left": {{"K": [[{f}, 0, {cx}], [0, {f}, {cy}], [0, 0, 1]]}},
-            "right": {{"K": [[{f}, 0, {cx}], [0, {f}, {cy}], [0, 0, 1]]}},
-            "R": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "T": [-0.1, 0, 0]}}"#,
-        f = k.fx,
-        cx = k.cx,
-        cy = k.cy
-    ))
-    .unwrap();
-    (png(&pair.left), png(&pair.right), calibration)
-}
-
-fn read_ply(bytes: &[u8]) -> ply_rs::ply::Ply<ply_rs::ply::DefaultElement> {
-    let parser = ply_rs::parser::Parser::<ply_rs::ply::DefaultElement>::new();
-    parser.read_ply(&mut std::io::BufReader::new(bytes)).expect("a standard PLY reader parses it")
-}
-
 #[tokio::test]
 async fn api_returns_depth_statistics_depth_files_and_a_ply() {
     let engine = ready_engine(1).await;
     let app = app(engine);
-    let (left, right, calibration) = small_scene();
+    let SmallScene { left, right, calibration, .. } = small_scene();
     let calib = formats::write_json(&calibration);
     let request =
         |uri: &str| multipart_request(uri, &[("left", &left), ("right", &right), ("calibration", calib.as_bytes())]);
@@ -356,7 +334,7 @@ async fn api_explains_calibration_problems_before_inference() {
     // None of these may reach the engine (its completed count stays 0).
     let engine = ready_engine(1).await;
     let app = app(engine);
-    let (left, right, calibration) = small_scene();
+    let SmallScene { left, right, calibration, .. } = small_scene();
     let post = |uri: &str, calib: &[u8], extra: Option<(&'static str, Vec<u8>)>| {
         let mut fields: Vec<(&str, &[u8])> = vec![("left", &left), ("right", &right)];
         if !calib.is_empty() {
@@ -412,7 +390,7 @@ async fn reply_stats(app: &axum::Router) -> u64 {
 async fn json_bodies_take_the_calibration_as_text_or_object() {
     let engine = ready_engine(1).await;
     let app = app(engine);
-    let (left, right, calibration) = small_scene();
+    let SmallScene { left, right, calibration, .. } = small_scene();
     let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
     let yaml = formats::write_opencv_yaml(&calibration);
     let body = serde_json::json!({"left": b64(&left), "right": b64(&right), "calibration": yaml});

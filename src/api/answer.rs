@@ -19,10 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::CalibrationFormat;
 use crate::codec::{colormap, kitti, pfm, png_bytes};
 use crate::disparity::{DisparityMap, DisparityStats};
-use crate::eval::{error_map, evaluate, Metrics};
+use crate::eval::{error_map, evaluate, Metrics, ScoredPixels, Sparsification, DEFAULT_MAXDISP};
 use crate::geometry::{self, Mat3};
-use crate::reconstruct::{depth_map, encode_ply, DepthMap, DepthStats};
+use crate::reconstruct::{depth_map, encode_ply_with_uncertainty, DepthMap, DepthStats};
 use crate::rectify::{Rectification, StereoCamera};
+use crate::uncertainty::{self, UncertaintyStats};
 
 /// What the client wants back.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -43,6 +44,12 @@ pub enum OutputFormat {
     Depth16,
     /// Coloured point cloud, binary PLY, left camera frame; needs a calibration.
     Ply,
+    /// Standard deviation of the disparity (px) as float32 PFM: how far to trust each pixel.
+    Uncertainty,
+    /// Standard deviation of the depth, `Z^2 / (f B) * sigma`, as float32 PFM in the
+    /// calibration's units (+inf = no depth); needs a calibration.
+    #[serde(rename = "depth_uncertainty")]
+    DepthUncertainty,
 }
 
 impl OutputFormat {
@@ -52,13 +59,27 @@ impl OutputFormat {
             OutputFormat::Depth => Some("depth"),
             OutputFormat::Depth16 => Some("depth16"),
             OutputFormat::Ply => Some("ply"),
+            OutputFormat::DepthUncertainty => Some("depth_uncertainty"),
             _ => None,
         }
     }
 
+    /// Whether the answer itself carries the disparity's deviation (the JSON
+    /// answer always does: its statistics and image).
+    pub fn carries_uncertainty(self) -> bool {
+        matches!(self, OutputFormat::Json | OutputFormat::Uncertainty | OutputFormat::DepthUncertainty)
+    }
+
     /// Whether the answer needs the depth map (not a raw disparity file).
     fn carries_depth(self) -> bool {
-        matches!(self, OutputFormat::Json | OutputFormat::Depth | OutputFormat::Depth16 | OutputFormat::Ply)
+        matches!(
+            self,
+            OutputFormat::Json
+                | OutputFormat::Depth
+                | OutputFormat::Depth16
+                | OutputFormat::Ply
+                | OutputFormat::DepthUncertainty
+        )
     }
 }
 
@@ -99,6 +120,30 @@ pub struct AnswerContext {
     /// Ground truth to score against and draw the error map of.
     pub truth: Option<DisparityMap>,
     pub reconstruction: Option<Reconstruction>,
+    /// Pixels whose deviation is above this (px) get no value in every
+    /// disparity, depth and point output (the deviation outputs keep theirs).
+    pub max_uncertainty: Option<f32>,
+    /// With `format=ply`, each point also carries its deviations.
+    pub ply_uncertainty: bool,
+}
+
+/// How far to trust the answer: the disparity's standard deviation over every
+/// pixel (before any masking), and what `max_uncertainty` hid.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct UncertaintySummary {
+    /// Mean standard deviation, px.
+    pub mean: f32,
+    pub median: f32,
+    /// 90th percentile, px.
+    pub p90: f32,
+    /// `images.uncertainty_png` runs the turbo colours from 0 px (dark blue) to
+    /// this (dark red; larger values are drawn as it): the 99th percentile.
+    pub color_max: f32,
+    /// The `max_uncertainty` asked for, px.
+    pub max_uncertainty: Option<f32>,
+    /// Pixels whose deviation is above `max_uncertainty`, given no value in the
+    /// disparity, depth and point outputs (0 without a limit).
+    pub masked_pixels: u64,
 }
 
 /// The 3-D part of a JSON answer.
@@ -116,6 +161,10 @@ pub struct ReconstructionSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     rectification: Option<RectificationSummary>,
     depth: DepthStats,
+    /// Standard deviation of the depth (`Z^2 / (f B) * sigma`) over the pixels
+    /// with a depth, in the calibration's units.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depth_uncertainty: Option<UncertaintyStats>,
 }
 
 /// The rectification the server applied (OpenCV's R1, R2, P1, P2).
@@ -141,9 +190,20 @@ pub struct JsonSummary<'a> {
     pub model: &'a str,
     pub precision: &'a str,
     pub timings_ms: Timings,
-    /// Scores against the uploaded ground truth, if any.
+    /// The disparity's standard deviation, and what `max_uncertainty` masked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncertainty: Option<UncertaintySummary>,
+    /// Scores of the network's whole answer against the uploaded ground truth,
+    /// if any (masking does not hide errors from it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<Metrics>,
+    /// With a ground truth: the scores over the most certain 100/90/80/50 % of
+    /// the scored pixels, and how well the deviation ranks the errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sparsification: Option<Sparsification>,
+    /// With a ground truth and `max_uncertainty`: the scores over the pixels kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluation_kept: Option<Metrics>,
     /// Depth and camera, when a calibration was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<ReconstructionSummary>)]
@@ -166,7 +226,7 @@ pub struct DisparityAnswer<'a> {
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // describes what `encode_json` writes
 pub struct AnswerImages {
-    /// The disparity in colour (turbo, from the map's min to its max).
+    /// The disparity in colour (turbo, from the map's min to its max; black = no value).
     #[schema(content_encoding = "base64", content_media_type = "image/png")]
     pub color_png: String,
     /// KITTI 16-bit PNG: `round(d * 256)`, 0 = no value.
@@ -175,6 +235,12 @@ pub struct AnswerImages {
     /// float32 PFM of the disparity (with `include_pfm=true`).
     #[schema(content_encoding = "base64", content_media_type = "application/x-portable-floatmap")]
     pub pfm: Option<String>,
+    /// The disparity's standard deviation in colour (turbo, 0 px to `uncertainty.color_max`).
+    #[schema(content_encoding = "base64", content_media_type = "image/png")]
+    pub uncertainty_png: String,
+    /// float32 PFM of the disparity's standard deviation, px (with `include_pfm=true`).
+    #[schema(content_encoding = "base64", content_media_type = "application/x-portable-floatmap")]
+    pub uncertainty_pfm: Option<String>,
     /// Error against the ground truth, coloured (with a ground truth).
     #[schema(content_encoding = "base64", content_media_type = "image/png")]
     pub error_png: Option<String>,
@@ -184,6 +250,10 @@ pub struct AnswerImages {
     /// float32 PFM of the depth, calibration units, +inf = none (with a calibration and `include_pfm=true`).
     #[schema(content_encoding = "base64", content_media_type = "application/x-portable-floatmap")]
     pub depth_pfm: Option<String>,
+    /// float32 PFM of the depth's standard deviation, calibration units, +inf = no depth
+    /// (with a calibration and `include_pfm=true`).
+    #[schema(content_encoding = "base64", content_media_type = "application/x-portable-floatmap")]
+    pub depth_uncertainty_pfm: Option<String>,
     /// The left image after rectification, which the maps refer to (when the server rectified).
     #[schema(content_encoding = "base64", content_media_type = "image/png")]
     pub rectified_left_png: Option<String>,
@@ -207,7 +277,12 @@ pub enum EncodedAnswer {
 pub struct Answer {
     pub body: EncodedAnswer,
     pub stats: DisparityStats,
+    pub uncertainty: Option<UncertaintySummary>,
     pub evaluation: Option<Metrics>,
+    pub sparsification: Option<Sparsification>,
+    pub evaluation_kept: Option<Metrics>,
+    /// Pixels `max_uncertainty` masked (`x-masked-pixels`), when it was given.
+    pub masked_pixels: Option<u64>,
     /// Units of depth outputs (`x-depth-units`), when a calibration was sent.
     pub depth_units: Option<&'static str>,
 }
@@ -223,63 +298,139 @@ impl EncodedAnswer {
     }
 }
 
-/// Encodes the answer for `map` as `context` asks. The server's encode phase.
-pub fn encode_answer(context: &AnswerContext, map: &DisparityMap) -> Answer {
+/// Encodes the answer for `map` (with its deviation `sigma`, when inference
+/// gave one) as `context` asks. The server's encode phase.
+///
+/// The handler asks the engine for the deviation whenever the answer needs it
+/// ([`OutputFormat::carries_uncertainty`], `max_uncertainty`, `ply_uncertainty`).
+pub fn encode_answer(context: &AnswerContext, map: &DisparityMap, sigma: Option<&DisparityMap>) -> Answer {
     let truth = context.truth.as_ref();
     let reconstruction = context.reconstruction.as_ref();
-    let depth = reconstruction
-        .filter(|_| context.format.carries_depth())
-        .map(|r| depth_map(map, &r.rectification.camera, r.max_depth));
+    // What the client sees: the map with the too-uncertain pixels given no value.
+    let limit = sigma.zip(context.max_uncertainty);
+    let masked = limit.map(|(sigma, max)| uncertainty::mask(map, sigma, max));
+    let shown = masked.as_ref().map_or(map, |(m, _)| m);
+    let depth = reconstruction.filter(|_| context.format.carries_depth()).map(|r| {
+        let mut depth = depth_map(shown, &r.rectification.camera, r.max_depth);
+        if let Some((sigma, max)) = limit {
+            depth.mark_uncertain(sigma, max);
+        }
+        depth
+    });
     // One pass over the map for its statistics, shared with the colour PNG's range.
-    let stats = map.stats();
+    let stats = shown.stats();
+    let summary = sigma.filter(|_| context.format == OutputFormat::Json).map(|sigma| {
+        let s = uncertainty::stats(sigma);
+        UncertaintySummary {
+            mean: s.mean,
+            median: s.median,
+            p90: s.p90,
+            color_max: uncertainty::quantile(sigma, 0.99),
+            max_uncertainty: context.max_uncertainty,
+            masked_pixels: masked.as_ref().map_or(0, |(_, n)| *n),
+        }
+    });
     let file = |bytes, content_type, file_name| EncodedAnswer::File { bytes, content_type, file_name };
+    let pfm_type = "application/x-portable-floatmap";
+    // The handler refuses formats that need a calibration without one, and asks
+    // the engine for the deviation when the format needs it, before inference.
+    let needs_depth = || depth.as_ref().expect("calibration checked");
+    let needs_sigma = || sigma.expect("deviation asked for");
     let body = match context.format {
-        OutputFormat::Json => encode_json(map, &stats, context.include_pfm, truth, reconstruction, depth.as_ref()),
-        OutputFormat::Png16 => file(kitti::encode_png16(map), "image/png", "disparity_kitti16.png"),
+        OutputFormat::Json => encode_json(
+            &JsonParts { shown, map, stats: &stats, sigma, uncertainty: summary.as_ref(), depth: depth.as_ref() },
+            context.include_pfm,
+            truth,
+            reconstruction,
+        ),
+        OutputFormat::Png16 => file(kitti::encode_png16(shown), "image/png", "disparity_kitti16.png"),
         OutputFormat::Color => {
-            file(colormap::color_png_between(map, stats.min, stats.max), "image/png", "disparity_color.png")
+            file(colormap::color_png_between(shown, stats.min, stats.max), "image/png", "disparity_color.png")
         }
-        OutputFormat::Pfm => file(pfm::encode(map), "application/x-portable-floatmap", "disparity.pfm"),
-        // The handler refuses these formats without a calibration before inference.
-        OutputFormat::Depth => {
-            file(depth.as_ref().expect("calibration checked").to_pfm(), "application/x-portable-floatmap", "depth.pfm")
-        }
-        OutputFormat::Depth16 => {
-            file(depth.as_ref().expect("calibration checked").to_png16_mm(), "image/png", "depth_mm.png")
+        OutputFormat::Pfm => file(pfm::encode(shown), pfm_type, "disparity.pfm"),
+        OutputFormat::Uncertainty => file(pfm::encode(needs_sigma()), pfm_type, "uncertainty.pfm"),
+        OutputFormat::Depth => file(needs_depth().to_pfm(), pfm_type, "depth.pfm"),
+        OutputFormat::Depth16 => file(needs_depth().to_png16_mm(), "image/png", "depth_mm.png"),
+        OutputFormat::DepthUncertainty => {
+            let depth = needs_depth();
+            let values = depth.uncertainty(needs_sigma());
+            file(pfm::encode_values(depth.width, depth.height, &values), pfm_type, "depth_uncertainty.pfm")
         }
         OutputFormat::Ply => {
             let r = reconstruction.expect("calibration checked");
             let to_left = geometry::transpose(&r.rectification.r_left);
-            let points = depth.as_ref().expect("calibration checked").point_cloud(&r.colours, &to_left);
-            file(encode_ply(&points, r.rectification.camera.units.symbol()), "application/octet-stream", "points.ply")
+            let depth = needs_depth();
+            let points = depth.point_cloud(&r.colours, &to_left);
+            let per_point = context.ply_uncertainty.then(|| depth.point_uncertainties(needs_sigma()));
+            let units = r.rectification.camera.units.symbol();
+            file(
+                encode_ply_with_uncertainty(&points, per_point.as_deref(), units),
+                "application/octet-stream",
+                "points.ply",
+            )
         }
     };
+    let json = context.format == OutputFormat::Json;
     Answer {
         body,
         stats,
-        evaluation: truth.map(|truth| evaluate(map, truth, crate::eval::DEFAULT_MAXDISP)),
+        uncertainty: summary,
+        evaluation: truth.map(|truth| evaluate(map, truth, DEFAULT_MAXDISP)),
+        sparsification: truth.zip(sigma).filter(|_| json).and_then(|(truth, sigma)| {
+            let mut scored = ScoredPixels::default();
+            scored.add(map, sigma, truth, DEFAULT_MAXDISP);
+            scored.sparsification()
+        }),
+        evaluation_kept: truth.zip(masked.as_ref()).map(|(truth, (kept, _))| evaluate_kept(kept, truth)),
+        masked_pixels: masked.as_ref().map(|(_, n)| *n),
         depth_units: reconstruction.map(|r| r.rectification.camera.units.symbol()),
     }
+}
+
+/// Scores of `kept` (a masked map: no value = +inf) over its pixels with a value.
+fn evaluate_kept(kept: &DisparityMap, truth: &DisparityMap) -> Metrics {
+    // Taking the truth away where the answer has none scores just the rest.
+    let values = kept.values().iter().zip(truth.values()).map(|(k, &t)| if k.is_finite() { t } else { f32::INFINITY });
+    let truth = DisparityMap::new(truth.width(), truth.height(), values.collect()).expect("same size");
+    evaluate(kept, &truth, DEFAULT_MAXDISP)
 }
 
 /// One image of the JSON answer: its key and how to make its file.
 type ImageJob<'a> = (&'static str, Box<dyn FnOnce() -> Vec<u8> + Send + 'a>);
 
+/// The maps and figures a JSON answer's images are made from.
+struct JsonParts<'a> {
+    /// The disparity as the client sees it (masked by `max_uncertainty`).
+    shown: &'a DisparityMap,
+    /// The network's whole answer, for the error map.
+    map: &'a DisparityMap,
+    stats: &'a DisparityStats,
+    sigma: Option<&'a DisparityMap>,
+    uncertainty: Option<&'a UncertaintySummary>,
+    depth: Option<&'a DepthMap>,
+}
+
 /// The JSON answer up to and including its `images` object.
 fn encode_json(
-    map: &DisparityMap,
-    stats: &DisparityStats,
+    parts: &JsonParts,
     include_pfm: bool,
     truth: Option<&DisparityMap>,
     reconstruction: Option<&Reconstruction>,
-    depth: Option<&DepthMap>,
 ) -> EncodedAnswer {
+    let JsonParts { shown, map, stats, sigma, uncertainty, depth } = *parts;
     let mut jobs: Vec<ImageJob> = vec![
-        ("color_png", Box::new(|| colormap::color_png_between(map, stats.min, stats.max))),
-        ("kitti_png16", Box::new(|| kitti::encode_png16(map))),
+        ("color_png", Box::new(move || colormap::color_png_between(shown, stats.min, stats.max))),
+        ("kitti_png16", Box::new(move || kitti::encode_png16(shown))),
     ];
     if include_pfm {
-        jobs.push(("pfm", Box::new(|| pfm::encode(map))));
+        jobs.push(("pfm", Box::new(move || pfm::encode(shown))));
+    }
+    if let (Some(sigma), Some(summary)) = (sigma, uncertainty) {
+        let top = summary.color_max;
+        jobs.push(("uncertainty_png", Box::new(move || colormap::color_png_between(sigma, 0.0, top))));
+        if include_pfm {
+            jobs.push(("uncertainty_pfm", Box::new(move || pfm::encode(sigma))));
+        }
     }
     if let Some(truth) = truth {
         jobs.push((
@@ -293,6 +444,7 @@ fn encode_json(
     let mut summary = None;
     if let (Some(r), Some(depth)) = (reconstruction, depth) {
         let rect = &r.rectification;
+        let depth_sigma = sigma.map(|sigma| depth.uncertainty(sigma));
         summary = Some(Box::new(ReconstructionSummary {
             calibration_format: r.format,
             rectified: rect.applied,
@@ -305,10 +457,17 @@ fn encode_json(
                 p_right: rect.p_right,
             }),
             depth: depth.stats(r.max_depth),
+            depth_uncertainty: depth_sigma.as_deref().map(uncertainty::stats_of),
         }));
-        jobs.push(("depth_color_png", Box::new(|| depth.to_color_png())));
+        jobs.push(("depth_color_png", Box::new(move || depth.to_color_png())));
         if include_pfm {
-            jobs.push(("depth_pfm", Box::new(|| depth.to_pfm())));
+            jobs.push(("depth_pfm", Box::new(move || depth.to_pfm())));
+            if let Some(values) = depth_sigma {
+                jobs.push((
+                    "depth_uncertainty_pfm",
+                    Box::new(move || pfm::encode_values(depth.width, depth.height, &values)),
+                ));
+            }
         }
         if rect.applied {
             jobs.push((
@@ -368,7 +527,14 @@ mod tests {
     use super::*;
 
     fn context(format: OutputFormat, include_pfm: bool, truth: Option<DisparityMap>) -> AnswerContext {
-        AnswerContext { format, include_pfm, truth, reconstruction: None }
+        AnswerContext {
+            format,
+            include_pfm,
+            truth,
+            reconstruction: None,
+            max_uncertainty: None,
+            ply_uncertainty: false,
+        }
     }
 
     fn finished(answer: Answer) -> serde_json::Value {
@@ -382,7 +548,10 @@ mod tests {
             model: "m",
             precision: "fp32",
             timings_ms: timings,
+            uncertainty: answer.uncertainty,
             evaluation: answer.evaluation,
+            sparsification: answer.sparsification,
+            evaluation_kept: answer.evaluation_kept,
             reconstruction: reconstruction.as_deref(),
         };
         serde_json::from_slice(&EncodedAnswer::finish_json(partial, &summary)).expect("valid JSON")
@@ -391,20 +560,69 @@ mod tests {
     #[test]
     fn json_answer_is_one_valid_document_with_exact_base64_images() {
         let map = DisparityMap::new(2, 2, vec![1.0, 2.0, 3.0, 4.0]).unwrap();
-        let json = finished(encode_answer(&context(OutputFormat::Json, true, Some(map.clone())), &map));
+        let sigma = DisparityMap::new(2, 2, vec![0.5, 1.0, 1.5, 2.0]).unwrap();
+        let json = finished(encode_answer(&context(OutputFormat::Json, true, Some(map.clone())), &map, Some(&sigma)));
         let b64 = |key: &str| {
             base64::engine::general_purpose::STANDARD.decode(json["images"][key].as_str().unwrap()).unwrap()
         };
         assert_eq!(b64("color_png"), colormap::color_png(&map));
         assert_eq!(b64("kitti_png16"), kitti::encode_png16(&map));
         assert_eq!(b64("pfm"), pfm::encode(&map));
+        assert_eq!(b64("uncertainty_pfm"), pfm::encode(&sigma));
+        assert_eq!(b64("uncertainty_png"), colormap::color_png_between(&sigma, 0.0, 2.0));
         assert!(b64("error_png").starts_with(b"\x89PNG"));
+        assert_eq!(json["uncertainty"]["median"], 1.5); // nearest rank of 4 values: round(1.5) = 2
+        assert_eq!(json["uncertainty"]["color_max"], 2.0);
+        assert_eq!(json["uncertainty"]["masked_pixels"], 0);
+        assert_eq!(json["sparsification"]["kept"][0]["epe"], 0.0);
         assert_eq!(json["width"], 2);
         assert_eq!(json["timings_ms"]["total_ms"], 6.0);
         assert_eq!(json["evaluation"]["epe"], 0.0);
         assert!(json.get("reconstruction").is_none());
-        let plain = finished(encode_answer(&context(OutputFormat::Json, false, None), &map));
+        let plain = finished(encode_answer(&context(OutputFormat::Json, false, None), &map, Some(&sigma)));
         assert!(plain["images"].get("pfm").is_none() && plain["images"].get("error_png").is_none());
+        assert!(plain["images"].get("uncertainty_pfm").is_none() && plain.get("sparsification").is_none());
+    }
+
+    #[test]
+    fn max_uncertainty_masks_every_disparity_output_alike_and_scores_the_rest() {
+        let map = DisparityMap::new(2, 2, vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let sigma = DisparityMap::new(2, 2, vec![0.5, 1.0, 1.5, 2.0]).unwrap();
+        let truth = DisparityMap::new(2, 2, vec![1.0, 2.0, 13.0, 14.0]).unwrap();
+        let masked = DisparityMap::new(2, 2, vec![1.0, 2.0, f32::INFINITY, f32::INFINITY]).unwrap();
+        let limited =
+            |format| AnswerContext { max_uncertainty: Some(1.0), ..context(format, true, Some(truth.clone())) };
+        let json = finished(encode_answer(&limited(OutputFormat::Json), &map, Some(&sigma)));
+        let b64 = |key: &str| {
+            base64::engine::general_purpose::STANDARD.decode(json["images"][key].as_str().unwrap()).unwrap()
+        };
+        assert_eq!(b64("pfm"), pfm::encode(&masked));
+        assert_eq!(b64("kitti_png16"), kitti::encode_png16(&masked));
+        assert_eq!(b64("uncertainty_pfm"), pfm::encode(&sigma), "the deviation keeps every pixel");
+        assert_eq!(
+            (json["uncertainty"]["masked_pixels"].as_u64(), json["uncertainty"]["max_uncertainty"].as_f64()),
+            (Some(2), Some(1.0))
+        );
+        // The whole answer is scored (two 10 px errors), the kept pixels are perfect.
+        assert_eq!(json["evaluation"]["epe"], 5.0);
+        assert_eq!(
+            (json["evaluation_kept"]["epe"].as_f64(), json["evaluation_kept"]["valid_pixels"].as_u64()),
+            (Some(0.0), Some(2))
+        );
+        for (format, expected) in
+            [(OutputFormat::Pfm, pfm::encode(&masked)), (OutputFormat::Png16, kitti::encode_png16(&masked))]
+        {
+            let answer = encode_answer(&limited(format), &map, Some(&sigma));
+            assert_eq!(answer.masked_pixels, Some(2));
+            let EncodedAnswer::File { bytes, .. } = answer.body else { panic!("{format:?}") };
+            assert_eq!(bytes, expected, "{format:?}");
+        }
+        let EncodedAnswer::File { bytes, .. } =
+            encode_answer(&limited(OutputFormat::Uncertainty), &map, Some(&sigma)).body
+        else {
+            panic!("not a file")
+        };
+        assert_eq!(bytes, pfm::encode(&sigma));
     }
 
     #[test]
@@ -414,9 +632,10 @@ mod tests {
             (OutputFormat::Png16, "image/png"),
             (OutputFormat::Color, "image/png"),
             (OutputFormat::Pfm, "application/x-portable-floatmap"),
+            (OutputFormat::Uncertainty, "application/x-portable-floatmap"),
         ] {
             let EncodedAnswer::File { content_type, bytes, .. } =
-                encode_answer(&context(format, false, None), &map).body
+                encode_answer(&context(format, false, None), &map, Some(&map)).body
             else {
                 panic!("{format:?}")
             };

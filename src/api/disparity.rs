@@ -34,8 +34,10 @@ use crate::rectify::rectify_pair;
 #[into_params(parameter_in = Query)]
 pub struct OutputParams {
     /// What to answer: `json` (statistics, timings and the images in base64),
-    /// `png16` (KITTI 16-bit PNG), `color` (turbo PNG), `pfm` (float32 PFM), or
-    /// with a calibration `depth` (PFM), `depth16` (PNG, mm) or `ply` (point cloud).
+    /// `png16` (KITTI 16-bit PNG), `color` (turbo PNG), `pfm` (float32 PFM),
+    /// `uncertainty` (the disparity's standard deviation, float32 PFM, px), or
+    /// with a calibration `depth` (PFM), `depth16` (PNG, mm), `ply` (point cloud)
+    /// or `depth_uncertainty` (the depth's standard deviation, PFM).
     #[serde(default)]
     format: OutputFormat,
     /// With `format=json`, also include the float PFM (base64); the page uses it
@@ -48,6 +50,24 @@ pub struct OutputParams {
     /// With a calibration: leave out points farther than this (calibration units).
     #[param(exclusive_minimum = 0.0)]
     max_depth: Option<f64>,
+    /// Give no value to every pixel whose disparity's standard deviation is
+    /// above this many pixels: 0 in `png16`, +inf in `pfm` and `depth`, black in
+    /// colour images, 0 in `depth16`, left out of `ply`; the JSON answer says how
+    /// many (`uncertainty.masked_pixels`, header `x-masked-pixels` for files).
+    /// The deviation outputs themselves keep every pixel.
+    #[param(exclusive_minimum = 0.0)]
+    max_uncertainty: Option<f32>,
+    /// With `format=ply`: each point also carries `sigma_disparity` (px) and
+    /// `sigma_depth` (calibration units), its standard deviations.
+    #[serde(default)]
+    ply_uncertainty: bool,
+}
+
+impl OutputParams {
+    /// Whether the engine must also give the disparity's deviation.
+    fn needs_uncertainty(&self) -> bool {
+        self.format.carries_uncertainty() || self.max_uncertainty.is_some() || self.ply_uncertainty
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -76,7 +96,7 @@ fn ms(d: Duration) -> f64 {
     responses(
         (
             status = 200,
-            description = "The answer in the asked format. Files come with `Content-Disposition`; depth answers say their units in `x-depth-units`.",
+            description = "The answer in the asked format. Files come with `Content-Disposition`; depth answers say their units in `x-depth-units`; with `max_uncertainty`, `x-masked-pixels` says how many pixels were given no value.",
             headers(
                 ("server-timing" = String, description = "decode, queue, inference, encode and total time, ms"),
                 ("x-request-id" = String, description = "the request's ID"),
@@ -127,13 +147,19 @@ pub async fn disparity(
     let (width, height) = inputs.pair.dimensions();
     tracing::Span::current().record("size", format!("{width}x{height}"));
 
-    let prediction = state.engine.predict(inputs.pair).await?;
+    let prediction = if params.needs_uncertainty() {
+        state.engine.predict_with_uncertainty(inputs.pair).await?
+    } else {
+        state.engine.predict(inputs.pair).await?
+    };
     let info = state.model_info();
     let context = AnswerContext {
         format: params.format,
         include_pfm: params.include_pfm,
         truth: inputs.truth,
         reconstruction: inputs.reconstruction,
+        max_uncertainty: params.max_uncertainty,
+        ply_uncertainty: params.ply_uncertainty,
     };
     encode_response(context, prediction, info, started, decode).await
 }
@@ -144,7 +170,7 @@ fn output_params(
 ) -> Result<OutputParams, ApiError> {
     let Query(params) = query.map_err(|e| {
         ApiError::InvalidQuery(format!(
-            "invalid query ({}); use format=json|png16|color|pfm|depth|depth16|ply, optionally include_pfm=true, gt_scale=N, max_depth=N",
+            "invalid query ({}); use format=json|png16|color|pfm|uncertainty|depth|depth16|ply|depth_uncertainty, optionally include_pfm=true, gt_scale=N, max_depth=N, max_uncertainty=N, ply_uncertainty=true",
             super::error::echo(&e.body_text())
         ))
     })?;
@@ -161,6 +187,18 @@ fn output_params(
                 "max_depth={m}: give a positive distance in the calibration's units"
             )));
         }
+    }
+    if let Some(s) = params.max_uncertainty {
+        if !(s.is_finite() && s > 0.0) {
+            return Err(ApiError::InvalidQuery(format!(
+                "max_uncertainty={s}: give a positive number of pixels (pixels whose disparity's standard deviation is above it get no value)"
+            )));
+        }
+    }
+    if params.ply_uncertainty && params.format != OutputFormat::Ply {
+        return Err(ApiError::InvalidQuery(
+            "ply_uncertainty=true adds per-point deviations to a point cloud: use it with format=ply".into(),
+        ));
     }
     Ok(params)
 }
@@ -266,10 +304,19 @@ async fn encode_response(
     started: Instant,
     decode: Duration,
 ) -> Result<Response, ApiError> {
-    let Prediction { disparity: map, queue, inference, .. } = prediction;
+    let Prediction { disparity: map, uncertainty: sigma, queue, inference, .. } = prediction;
     let encode_started = Instant::now();
     let (headers, body, timings) = tokio::task::spawn_blocking(move || {
-        let Answer { body, stats, evaluation, depth_units } = encode_answer(&context, &map);
+        let Answer {
+            body,
+            stats,
+            uncertainty,
+            evaluation,
+            sparsification,
+            evaluation_kept,
+            masked_pixels,
+            depth_units,
+        } = encode_answer(&context, &map, sigma.as_ref());
         // Taken just before the last few hundred bytes are written.
         let timings = Timings {
             decode_ms: ms(decode),
@@ -292,7 +339,10 @@ async fn encode_response(
                     model,
                     precision,
                     timings_ms: timings,
+                    uncertainty,
                     evaluation,
+                    sparsification,
+                    evaluation_kept,
                     reconstruction: reconstruction.as_deref(),
                 };
                 let mut headers = HeaderMap::new();
@@ -314,6 +364,9 @@ async fn encode_response(
                 }
                 let device = HeaderValue::from_str(device).unwrap_or(HeaderValue::from_static("unknown"));
                 headers.insert(HeaderName::from_static("x-device"), device);
+                if let Some(count) = masked_pixels {
+                    headers.insert(HeaderName::from_static("x-masked-pixels"), HeaderValue::from(count));
+                }
                 if let Some(units) = depth_units {
                     headers.insert(HeaderName::from_static("x-depth-units"), HeaderValue::from_static(units));
                 }

@@ -41,7 +41,7 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("calibration_size_mismatch", 400, "the calibration is for another image size"),
     ("unsupported_calibration", 400, "a calibration we cannot use (e.g. vertical rig)"),
     ("invalid_calibration", 400, "the calibration cannot be read or is inconsistent"),
-    ("calibration_required", 400, "format depth, depth16 or ply without a calibration"),
+    ("calibration_required", 400, "format depth, depth16, ply or depth_uncertainty without a calibration"),
     ("ground_truth_needs_rectified_pair", 400, "ground truth sent with a pair the server must rectify"),
     ("invalid_base64", 400, "a JSON image field is not base64"),
     ("invalid_json", 400, "the JSON body is malformed"),

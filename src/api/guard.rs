@@ -146,7 +146,7 @@ pub async fn origin_policy(State(state): State<AppState>, request: Request, next
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
             HeaderValue::from_static(
                 "server-timing, retry-after, x-disparity-min, x-disparity-max, x-disparity-mean, x-device, \
-                 x-depth-units, x-eval-epe, x-eval-d1",
+                 x-depth-units, x-eval-epe, x-eval-d1, x-masked-pixels",
             ),
         );
         h.append(header::VARY, HeaderValue::from_static("origin"));

@@ -154,7 +154,10 @@ fn phases(o: &Options, engine: &Engine, runtime: &tokio::runtime::Runtime) -> se
         let (left, right) = pair_at(width, height);
         let (l, r) = decode_pair(&left, &right, u64::MAX).expect("the pair decodes");
         let pair = StereoPair::new(l, r).expect("one size");
-        let map: DisparityMap = runtime.block_on(engine.predict(pair)).expect("inference").disparity;
+        // With the deviation, which the JSON answer carries (statistics and image).
+        let prediction = runtime.block_on(engine.predict_with_uncertainty(pair)).expect("inference");
+        let map: DisparityMap = prediction.disparity;
+        let sigma = prediction.uncertainty.expect("asked for");
         let mut row = BTreeMap::new();
         row.insert("decode_left", time_ms(o.iters, || decode_rgb(&left, u64::MAX).unwrap()));
         row.insert("decode_right", time_ms(o.iters, || decode_rgb(&right, u64::MAX).unwrap()));
@@ -196,15 +199,21 @@ fn phases(o: &Options, engine: &Engine, runtime: &tokio::runtime::Runtime) -> se
             println!("  {name:<18} {ms:7.2} {bytes:>9}");
         }
         for name in &o.formats {
-            let context =
-                AnswerContext { format: format_of(name), include_pfm: false, truth: None, reconstruction: None };
+            let context = AnswerContext {
+                format: format_of(name),
+                include_pfm: false,
+                truth: None,
+                reconstruction: None,
+                max_uncertainty: None,
+                ply_uncertainty: false,
+            };
             let key: &'static str = match name.as_str() {
                 "json" => "encode_json",
                 "color" => "encode_color",
                 "png16" => "encode_png16",
                 _ => "encode_pfm",
             };
-            row.insert(key, time_ms(o.iters, || encode_answer(&context, &map)));
+            row.insert(key, time_ms(o.iters, || encode_answer(&context, &map, Some(&sigma))));
         }
         println!("\nin process, {width}x{height} (median of {} runs, ms):", o.iters);
         for (step, ms) in &row {

@@ -179,3 +179,35 @@ pub fn shifted_pair(width: u32, height: u32, shift: u32) -> (RgbImage, RgbImage)
     let right = image::imageops::crop_imm(&source, x0 + shift, y0, width, height).to_image();
     (left, right)
 }
+
+/// A small rendered scene (256 x 192, a room 1.3 to 6 m deep seen by a 0.1 m
+/// baseline rig), for API and CLI tests that need depth: fast on CPU.
+pub struct SmallScene {
+    pub left: Vec<u8>,
+    pub right: Vec<u8>,
+    pub calibration: stereo_recon::calibration::Calibration,
+    /// The exact disparity of the left view (+inf where a ray hits nothing).
+    pub truth: stereo_recon::disparity::DisparityMap,
+}
+
+pub fn small_scene() -> SmallScene {
+    let pair = stereo_recon::synthetic::render(256, 192);
+    let k = pair.intrinsics;
+    let calibration = stereo_recon::calibration::formats::read_json(&format!(
+        r#"{{"image_size": [256, 192], "units": "m",
+            "left": {{"K": [[{f}, 0, {cx}], [0, {f}, {cy}], [0, 0, 1]]}},
+            "right": {{"K": [[{f}, 0, {cx}], [0, {f}, {cy}], [0, 0, 1]]}},
+            "R": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "T": [-0.1, 0, 0]}}"#,
+        f = k.fx,
+        cx = k.cx,
+        cy = k.cy
+    ))
+    .unwrap();
+    SmallScene { left: png(&pair.left), right: png(&pair.right), calibration, truth: pair.disparity }
+}
+
+/// A PLY parsed by a standard reader (ply-rs), or the test fails.
+pub fn read_ply(bytes: &[u8]) -> ply_rs::ply::Ply<ply_rs::ply::DefaultElement> {
+    let parser = ply_rs::parser::Parser::<ply_rs::ply::DefaultElement>::new();
+    parser.read_ply(&mut std::io::BufReader::new(bytes)).expect("a standard PLY reader parses it")
+}
