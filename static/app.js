@@ -2,7 +2,10 @@
 // Plain browser JavaScript, no framework and no build step. The page talks to the same
 // API scripts use: POST /api/v1/disparity?format=json&include_pfm=true. With a
 // calibration it also shows depth, measures distances and draws the point cloud
-// with WebGL (our own few lines, no library).
+// with WebGL (our own few lines, no library). The answer's per-pixel standard
+// deviation drives the uncertainty view and the "hide less certain pixels"
+// slider, which masks the disparity, the depth and the point cloud in the
+// browser, without a new request.
 "use strict";
 
 (() => {
@@ -10,6 +13,11 @@
   const chosen = { left: null, right: null, gt: null, calib: null }; // Blob (File or fetched example) per input
   let objectUrls = []; // blob: URLs of the current result, revoked on the next one
   let hoverData = null; // { width, height, values: Float32Array } of the current result
+  let sigmaData = null; // the same for the disparity's standard deviation, px
+  let maxSigma = Infinity; // the slider's limit: pixels whose deviation is above it are hidden
+
+  // Whether pixel i is hidden by the slider (a deviation that is not a number counts as above).
+  const isHidden = (i) => sigmaData !== null && !(sigmaData.values[i] <= maxSigma);
 
   // ---- Turbo colormap: the same degree-5 polynomial the server uses (src/codec/colormap.rs).
   const TURBO = [
@@ -259,18 +267,25 @@
     const png16 = base64ToBytes(body.images.kitti_png16);
     const pfm = base64ToBytes(body.images.pfm);
     hoverData = parsePfm(pfm);
+    const sigmaPfm = base64ToBytes(body.images.uncertainty_pfm);
+    sigmaData = parsePfm(sigmaPfm);
+    maxSigma = Infinity;
 
     $("result-left").src = $("preview-left").src;
     $("result-disparity").src = blobUrl(color, "image/png");
     $("dl-color").href = blobUrl(color, "image/png");
     $("dl-png16").href = blobUrl(png16, "image/png");
     $("dl-pfm").href = blobUrl(pfm, "application/octet-stream");
+    $("dl-uncertainty").href = blobUrl(sigmaPfm, "application/octet-stream");
+    $("result-uncertainty").src = blobUrl(base64ToBytes(body.images.uncertainty_png), "image/png");
+    $("uncertainty-max").textContent = `${body.uncertainty.color_max.toFixed(2)} px`;
     $("bar-min").textContent = `${body.disparity.min.toFixed(1)} px`;
     $("bar-max").textContent = `${body.disparity.max.toFixed(1)} px`;
     $("summary").textContent =
       `${body.width}×${body.height} · disparity ${body.disparity.min.toFixed(2)} to ` +
       `${body.disparity.max.toFixed(2)} px (mean ${body.disparity.mean.toFixed(2)}) · ` +
-      `${body.model} on ${body.device}`;
+      `uncertainty median ±${body.uncertainty.median.toFixed(2)} px, 90 % of pixels within ` +
+      `±${body.uncertainty.p90.toFixed(2)} px · ${body.model} on ${body.device}`;
     const t = body.timings_ms;
     $("timings").innerHTML = "";
     for (const [label, key] of [
@@ -296,6 +311,14 @@
         ["pixels scored", evaluation.valid_pixels.toLocaleString()],
         ["excluded (truth ≥ 192 px)", evaluation.excluded_pixels.toLocaleString()],
       ];
+      // How well the deviation ranks the errors: scores over the most certain pixels.
+      const sparse = body.sparsification;
+      if (sparse) {
+        for (const kept of sparse.kept.filter((k) => k.fraction < 1)) {
+          rows.push([`most certain ${Math.round(kept.fraction * 100)} %: EPE / D1`, `${kept.epe.toFixed(3)} px / ${kept.d1.toFixed(2)} %`]);
+        }
+        rows.push(["error within 1σ / 2σ", `${sparse.within_1_sigma.toFixed(1)} / ${sparse.within_2_sigma.toFixed(1)} %`]);
+      }
       const table = document.createElement("table");
       for (const [label, value] of rows) {
         const row = table.insertRow();
@@ -306,6 +329,75 @@
     }
     $("result").hidden = false;
     showReconstruction(body);
+    setupTrust();
+  }
+
+  // ---- The "hide less certain pixels" slider. Its position maps to a deviation on a
+  // log scale (most pixels are within a pixel, a few reach tens), the right end is "off".
+  const TRUST_STEPS = 1000;
+  let trustRange = { lo: 0.05, hi: 10 };
+  let trustPending = false;
+
+  function sliderToSigma(position) {
+    if (position >= TRUST_STEPS) return Infinity;
+    return trustRange.lo * Math.pow(trustRange.hi / trustRange.lo, position / TRUST_STEPS);
+  }
+
+  function setupTrust() {
+    let lo = Infinity;
+    let hi = 0;
+    for (const v of sigmaData.values) {
+      if (Number.isFinite(v)) {
+        lo = Math.min(lo, v);
+        hi = Math.max(hi, v);
+      }
+    }
+    lo = Math.max(0.01, Number.isFinite(lo) ? lo : 0.01);
+    trustRange = { lo, hi: Math.max(hi, lo * 2) };
+    const { width, height } = sigmaData;
+    for (const id of ["disparity-mask", "depth-mask"]) {
+      const canvas = $(id);
+      canvas.width = width;
+      canvas.height = height;
+    }
+    $("max-sigma").value = String(TRUST_STEPS);
+    applyTrust();
+  }
+
+  function onTrustInput() {
+    maxSigma = sliderToSigma(Number($("max-sigma").value));
+    if (trustPending) return;
+    trustPending = true;
+    requestAnimationFrame(() => {
+      trustPending = false;
+      applyTrust();
+    });
+  }
+
+  // Masks the disparity and depth views (black where hidden, as the server's outputs
+  // mark pixels without a value) and rebuilds the point cloud without the hidden pixels.
+  function applyTrust() {
+    if (!sigmaData) return;
+    const { width, height, values } = sigmaData;
+    const mask = new ImageData(width, height);
+    let count = 0;
+    for (let i = 0; i < values.length; i++) {
+      if (!(values[i] <= maxSigma)) {
+        mask.data[4 * i + 3] = 255; // opaque black
+        count++;
+      }
+    }
+    $("disparity-mask").getContext("2d").putImageData(mask, 0, 0);
+    if (depthData) $("depth-mask").getContext("2d").putImageData(mask, 0, 0);
+    const off = !Number.isFinite(maxSigma);
+    $("max-sigma-value").textContent = off ? "off" : `±${maxSigma.toFixed(maxSigma < 1 ? 2 : 1)} px`;
+    const percent = ((100 * count) / values.length).toFixed(1);
+    $("trust-info").textContent = off
+      ? "every pixel shown: move left to hide the pixels the network is least sure of"
+      : `${count.toLocaleString()} of ${values.length.toLocaleString()} pixels hidden (${percent} %)`;
+    $("trust").dataset.hidden = String(count);
+    $("trust").dataset.maxSigma = String(maxSigma); // exact, for scripts and tests
+    if (depthData && cloudPixels !== undefined) refreshCloud(false);
   }
 
   // ---- Depth, distances and the point cloud (when a calibration was sent).
@@ -317,6 +409,7 @@
   function showReconstruction(body) {
     const rec = body.reconstruction;
     for (const id of ["depth-figure", "cloud-figure", "camera", "dl-3d"]) $(id).hidden = !rec;
+    cloudPixels = undefined; // until this result's colours are read
     measured = [];
     drawMeasurement();
     if (!rec) {
@@ -361,10 +454,17 @@
     img.src = colourSource;
   }
 
-  // 3D point of depth pixel (x, y) in the left camera's frame, or null.
+  // Standard deviation of depth z from the disparity's sigma: Z = f B / (d + doffs), so to
+  // first order sigma_Z = Z^2 / (f B) * sigma (the server's depth_uncertainty).
+  function depthSigma(z, sigma) {
+    return ((z * z) / (camera.fx * camera.baseline)) * sigma;
+  }
+
+  // 3D point of depth pixel (x, y) in the left camera's frame, or null (no depth, or hidden).
   function pointAt(x, y) {
-    const z = depthData.values[y * depthData.width + x];
-    if (!Number.isFinite(z)) return null;
+    const i = y * depthData.width + x;
+    const z = depthData.values[i];
+    if (!Number.isFinite(z) || isHidden(i)) return null;
     const p = [((x - camera.cx) * z) / camera.fx, ((y - camera.cy) * z) / camera.fy, z];
     return toLeft.map((row) => row[0] * p[0] + row[1] * p[1] + row[2] * p[2]);
   }
@@ -378,9 +478,11 @@
 
   function wireDepth() {
     const img = $("result-depth");
-    wireReadout(img, $("depth-hover"), () => depthData, (z) =>
-      Number.isFinite(z) ? `${z.toFixed(3)} ${camera.units}` : "no depth"
-    );
+    wireReadout(img, $("depth-hover"), () => depthData, (z, i) => {
+      if (!Number.isFinite(z)) return "no depth";
+      const sigma = sigmaData ? ` ± ${depthSigma(z, sigmaData.values[i]).toFixed(3)}` : "";
+      return `${isHidden(i) ? "hidden, " : ""}${z.toFixed(3)}${sigma} ${camera.units}`;
+    });
     img.addEventListener("click", (e) => {
       if (!depthData) return;
       const at = pixelUnder(img, e, depthData);
@@ -442,61 +544,92 @@
 
   // ---- WebGL point cloud viewer.
   let viewer = null;
-  let cloud = null; // { positions: Float32Array, colours: Uint8Array, count }
+  let cloud = null; // { positions: Float32Array, colours: Uint8Array, sigmas: Float32Array (px, units) | null, count }
+
+  let cloudPixels = undefined; // RGBA of the image the depth refers to (null: none), once per result
+  let plyUrl = null;
 
   function buildCloud(img) {
-    const { width, height, values } = depthData;
-    let pixels = null;
+    const { width, height } = depthData;
+    cloudPixels = null;
     if (img && img.naturalWidth === width && img.naturalHeight === height) {
       const canvas = document.createElement("canvas");
       canvas.width = width;
       canvas.height = height;
       const ctx = canvas.getContext("2d");
       ctx.drawImage(img, 0, 0);
-      pixels = ctx.getImageData(0, 0, width, height).data;
+      cloudPixels = ctx.getImageData(0, 0, width, height).data;
     }
+    refreshCloud(true);
+  }
+
+  // The cloud of the pixels shown now; `fresh` puts the view back where the camera stood.
+  function refreshCloud(fresh) {
+    const { width, height } = depthData;
     // Keep the viewer responsive on big images: at most about 400 000 points.
     const step = Math.max(1, Math.ceil(Math.sqrt((width * height) / 400000)));
     const positions = [];
     const colours = [];
+    const sigmas = [];
     for (let y = 0; y < height; y += step) {
       for (let x = 0; x < width; x += step) {
         const p = pointAt(x, y);
         if (!p) continue;
         positions.push(p[0], p[1], p[2]);
-        const i = 4 * (y * width + x);
-        if (pixels) colours.push(pixels[i], pixels[i + 1], pixels[i + 2]);
+        const i = y * width + x;
+        if (cloudPixels) colours.push(cloudPixels[4 * i], cloudPixels[4 * i + 1], cloudPixels[4 * i + 2]);
         else colours.push(200, 200, 200);
+        if (sigmaData) {
+          const s = sigmaData.values[i];
+          sigmas.push(s, depthSigma(depthData.values[i], s));
+        }
       }
     }
-    cloud = { positions: new Float32Array(positions), colours: new Uint8Array(colours), count: positions.length / 3 };
-    $("dl-ply").href = blobUrl(plyBytes(cloud, camera.units), "application/octet-stream");
+    cloud = {
+      positions: new Float32Array(positions),
+      colours: new Uint8Array(colours),
+      sigmas: sigmaData ? new Float32Array(sigmas) : null,
+      count: positions.length / 3,
+    };
+    if (plyUrl) URL.revokeObjectURL(plyUrl);
+    plyUrl = URL.createObjectURL(new Blob([plyBytes(cloud, camera.units)], { type: "application/octet-stream" }));
+    $("dl-ply").href = plyUrl;
     const info = $("cloud-info");
     if (!viewer) viewer = createViewer($("cloud"));
     if (!viewer) {
       info.textContent = "this browser has no WebGL: download the PLY to view the points";
       return;
     }
-    viewer.load(cloud);
+    if (fresh) viewer.load(cloud);
+    else viewer.replace(cloud);
     info.textContent = `${cloud.count.toLocaleString()} points${step > 1 ? ` (every ${step}th pixel)` : ""}, ${camera.units}`;
     $("cloud").dataset.points = String(cloud.count);
   }
 
-  // Binary little-endian PLY of the shown points (the API's format=ply is the full-resolution one).
+  // Binary little-endian PLY of the shown points, with each point's deviations as the API's
+  // format=ply&ply_uncertainty=true writes them (the API's is the full-resolution one).
   function plyBytes(c, units) {
     const header =
       "ply\nformat binary_little_endian 1.0\n" +
       `comment stereo-recon page export; units ${units}; left camera frame: x right, y down, z forward\n` +
+      (c.sigmas ? "comment sigma_disparity: standard deviation of the disparity, px; sigma_depth: of the depth, units of x y z\n" : "") +
       `element vertex ${c.count}\nproperty float x\nproperty float y\nproperty float z\n` +
-      "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n";
+      "property uchar red\nproperty uchar green\nproperty uchar blue\n" +
+      (c.sigmas ? "property float sigma_disparity\nproperty float sigma_depth\n" : "") +
+      "end_header\n";
     const head = new TextEncoder().encode(header);
-    const out = new Uint8Array(head.length + 15 * c.count);
+    const record = c.sigmas ? 23 : 15;
+    const out = new Uint8Array(head.length + record * c.count);
     out.set(head);
     const view = new DataView(out.buffer);
     for (let i = 0; i < c.count; i++) {
-      const at = head.length + 15 * i;
+      const at = head.length + record * i;
       for (let k = 0; k < 3; k++) view.setFloat32(at + 4 * k, c.positions[3 * i + k], true);
       out.set(c.colours.subarray(3 * i, 3 * i + 3), at + 12);
+      if (c.sigmas) {
+        view.setFloat32(at + 15, c.sigmas[2 * i], true);
+        view.setFloat32(at + 19, c.sigmas[2 * i + 1], true);
+      }
     }
     return out;
   }
@@ -654,6 +787,15 @@
         view.line = false;
         redraw();
       },
+      // New points (the slider hid or showed some), the view kept where the user left it.
+      replace(c) {
+        gl.bindBuffer(gl.ARRAY_BUFFER, buffers.position);
+        gl.bufferData(gl.ARRAY_BUFFER, c.positions, gl.STATIC_DRAW);
+        gl.bindBuffer(gl.ARRAY_BUFFER, buffers.colour);
+        gl.bufferData(gl.ARRAY_BUFFER, c.colours, gl.STATIC_DRAW);
+        view.count = c.count;
+        redraw();
+      },
       setLine(points) {
         view.line = Boolean(points);
         if (points) {
@@ -675,7 +817,8 @@
       if (!map) return;
       const at = pixelUnder(img, e, map);
       if (!at) return;
-      readout.textContent = `x ${at.x}, y ${at.y}: ${describe(map.values[at.y * map.width + at.x])}`;
+      const i = at.y * map.width + at.x;
+      readout.textContent = `x ${at.x}, y ${at.y}: ${describe(map.values[i], i)}`;
       readout.style.left = `${e.clientX - at.rect.left + 12}px`;
       readout.style.top = `${e.clientY - at.rect.top + 12}px`;
       readout.hidden = false;
@@ -684,8 +827,14 @@
   }
 
   function wireHover() {
-    wireReadout($("result-disparity"), $("hover"), () => hoverData, (d) =>
-      Number.isFinite(d) ? d.toFixed(2) + " px" : "no value"
+    // The readouts sit on the images; the masks above them let the pointer through.
+    wireReadout($("result-disparity"), $("hover"), () => hoverData, (d, i) => {
+      if (!Number.isFinite(d)) return "no value";
+      const sigma = sigmaData ? ` ± ${sigmaData.values[i].toFixed(2)}` : "";
+      return `${isHidden(i) ? "hidden, " : ""}${d.toFixed(2)}${sigma} px`;
+    });
+    wireReadout($("result-uncertainty"), $("uncertainty-hover"), () => sigmaData, (s) =>
+      Number.isFinite(s) ? `±${s.toFixed(2)} px` : "no value"
     );
   }
 
@@ -772,6 +921,8 @@
     wireDepth();
     drawColorbar();
     drawColorbar("depth-bar", true);
+    drawColorbar("uncertainty-bar");
+    $("max-sigma").addEventListener("input", onTrustInput);
     $("compute").addEventListener("click", compute);
     const example = $("example");
     if (example) example.addEventListener("click", loadExample);

@@ -263,9 +263,19 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         let lo: f64 = lo.trim_end_matches(" px").parse().unwrap();
         let hi: f64 = hi.trim_end_matches(" px").parse().unwrap();
         assert!(lo > 0.0 && lo < hi && hi < 60.0, "{lo} .. {hi}");
-        // Scores against the uploaded ground truth, and the error map.
+        // The uncertainty view beside it, with its scale in px.
+        assert_eq!(browser.script("return document.getElementById('result-uncertainty').naturalWidth;"), 300);
+        let top = browser.text("#uncertainty-max");
+        let top: f64 = top.strip_suffix(" px").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{top:?}"));
+        assert!(top > 0.0 && top < 192.0, "{top}");
+        browser.hover("#result-uncertainty", 20, 10);
+        browser.wait_for("the uncertainty readout", "return !document.getElementById('uncertainty-hover').hidden;", Duration::from_secs(5));
+        let readout = browser.text("#uncertainty-hover");
+        assert!(readout.contains(": ±") && readout.ends_with(" px"), "{readout}");
+        // Scores against the uploaded ground truth, and the error map; the most certain pixels score better.
         let scores = browser.text("#evaluation");
         assert!(scores.contains("EPE") && scores.contains("D1"), "{scores}");
+        assert!(scores.contains("most certain 80 %") && scores.contains("within 1σ"), "{scores}");
         assert_eq!(browser.script("return document.getElementById('result-error').naturalWidth;"), 300);
         // Downloads are offered.
         for link in ["dl-color", "dl-png16", "dl-pfm"] {
@@ -277,12 +287,15 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         browser.hover("#result-disparity", 20, 10);
         browser.wait_for("the hover readout", "return !document.getElementById('hover').hidden;", Duration::from_secs(5));
         let readout = browser.text("#hover");
-        let value: f64 = readout
+        // "x 20, y 10: 16.35 ± 0.69 px": the value and its standard deviation.
+        let (value, sigma): (f64, f64) = readout
             .split(": ")
             .nth(1)
             .and_then(|v| v.strip_suffix(" px"))
-            .and_then(|v| v.parse().ok())
+            .and_then(|v| v.split_once(" ± "))
+            .and_then(|(v, s)| Some((v.parse().ok()?, s.parse().ok()?)))
             .unwrap_or_else(|| panic!("readout {readout:?}"));
+        assert!((0.0..192.0).contains(&sigma), "{readout}");
         assert!(value >= lo - 0.01 && value <= hi + 0.01, "{value} outside {lo}..{hi}");
         let result_shot = browser.screenshot("result.png");
 
@@ -343,6 +356,56 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
             let href = browser.script(&format!("return document.getElementById('{link}').href;"));
             assert!(href.as_str().unwrap().starts_with("blob:"), "{link}: {href}");
         }
+
+        // The slider hides the pixels the network is least sure of, live, in every view.
+        let points_now = || browser.script("return Number(document.getElementById('cloud').dataset.points);").as_u64().unwrap();
+        let hidden_now = || browser.script("return Number(document.getElementById('trust').dataset.hidden);").as_u64().unwrap();
+        let requests_before = browser.script("return performance.getEntriesByType('resource').length;");
+        assert_eq!(hidden_now(), 0, "the slider starts at 'off'");
+        let slide = |position: u32| {
+            browser.script(&format!(
+                "const s = document.getElementById('max-sigma'); s.value = '{position}'; s.dispatchEvent(new Event('input', {{ bubbles: true }})); return true;"
+            ));
+            // The page applies the slider on the next animation frame: wait for two.
+            browser.script("return new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => done(true))));");
+        };
+        slide(500);
+        let (hidden_some, points_some) = (hidden_now(), points_now());
+        assert!(hidden_some > 0, "nothing hidden at the middle of the slider");
+        assert!(points_some < points, "the point count did not drop: {points_some} of {points}");
+        slide(150);
+        let (hidden_more, points_fewer) = (hidden_now(), points_now());
+        assert!(hidden_more > hidden_some && points_fewer < points_some, "{hidden_more} / {points_fewer} points");
+        let info = browser.text("#trust-info");
+        assert!(info.contains("pixels hidden"), "{info}");
+        let limit = browser.text("#max-sigma-value");
+        assert!(limit.starts_with('±') && limit.ends_with(" px"), "{limit}");
+        // The masks are black where hidden, in the disparity and the depth view alike.
+        let opaque = |id: &str| {
+            browser
+                .script(&format!(
+                    "const c = document.getElementById('{id}'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] === 255) n++; return n;"
+                ))
+                .as_u64()
+                .unwrap()
+        };
+        assert_eq!((opaque("disparity-mask"), opaque("depth-mask")), (hidden_more, hidden_more));
+        assert_eq!(
+            browser.script("return performance.getEntriesByType('resource').length;"),
+            requests_before,
+            "the slider must not send a request"
+        );
+        // The page hides exactly what the API masks for the same limit.
+        let api_masked = browser.script(
+            "const limit = document.getElementById('trust').dataset.maxSigma;              return fetch('/api/v1/examples').then(r => r.json()).then(list => Promise.all([list.examples[0].left, list.examples[0].right].map(u => fetch(u).then(r => r.blob()))))              .then(([l, r]) => { const f = new FormData(); f.append('left', l); f.append('right', r); return fetch('/api/v1/disparity?max_uncertainty=' + limit, { method: 'POST', body: f }); })              .then(r => r.json()).then(j => j.uncertainty.masked_pixels);",
+        );
+        let api_masked = api_masked.as_u64().unwrap_or_else(|| panic!("{api_masked}"));
+        assert!(api_masked.abs_diff(hidden_more) <= hidden_more / 1000, "page hides {hidden_more}, the API masks {api_masked}");
+        browser.script("document.getElementById('trust').scrollIntoView();");
+        browser.screenshot("uncertainty.png");
+        slide(1000);
+        assert_eq!((hidden_now(), points_now()), (0, points), "back to 'off': every point again");
+
         browser.script("document.getElementById('depth-figure').scrollIntoView();");
         browser.screenshot("depth.png");
         browser.script("document.getElementById('cloud-figure').scrollIntoView();");
