@@ -26,30 +26,99 @@ pub fn stats(sigma: &DisparityMap) -> UncertaintyStats {
 
 /// The summary of any deviations (px, or a depth's units), over the finite ones.
 pub fn stats_of(values: &[f32]) -> UncertaintyStats {
-    let mut values: Vec<f32> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    if values.is_empty() {
-        return UncertaintyStats { mean: 0.0, median: 0.0, p90: 0.0 };
+    summary_of(values).0
+}
+
+/// [`stats`] and the 99th percentile (the top of the deviation's colour
+/// scale), from one pass over the map.
+pub fn stats_and_p99(sigma: &DisparityMap) -> (UncertaintyStats, f32) {
+    summary_of(sigma.values())
+}
+
+fn summary_of(values: &[f32]) -> (UncertaintyStats, f32) {
+    match describe(values, &[0.5, 0.9, 0.99]) {
+        None => (UncertaintyStats { mean: 0.0, median: 0.0, p90: 0.0 }, 0.0),
+        Some((mean, q)) => (UncertaintyStats { mean, median: q[0], p90: q[1] }, q[2]),
     }
-    let mean = (values.iter().map(|&v| f64::from(v)).sum::<f64>() / values.len() as f64) as f32;
-    let (median_at, p90_at) = (rank(values.len(), 0.5), rank(values.len(), 0.9));
-    let (_, &mut p90, _) = values.select_nth_unstable_by(p90_at, f32::total_cmp);
-    let (_, &mut median, _) = values.select_nth_unstable_by(median_at, f32::total_cmp);
-    UncertaintyStats { mean, median, p90 }
 }
 
 /// The `q` quantile (nearest rank) of the finite values of `sigma`; 0 without any.
 pub fn quantile(sigma: &DisparityMap, q: f64) -> f32 {
-    let mut values: Vec<f32> = sigma.values().iter().copied().filter(|v| v.is_finite()).collect();
-    if values.is_empty() {
-        return 0.0;
-    }
-    let at = rank(values.len(), q);
-    *values.select_nth_unstable_by(at, f32::total_cmp).1
+    describe(sigma.values(), &[q]).map_or(0.0, |(_, found)| found[0])
 }
 
 /// Index of the `q` quantile among `len` sorted values (nearest rank).
 fn rank(len: usize, q: f64) -> usize {
     ((q.clamp(0.0, 1.0) * (len - 1) as f64).round() as usize).min(len - 1)
+}
+
+/// A float's bits made to sort as the float does (`total_cmp`'s order).
+fn order_key(v: f32) -> u32 {
+    let bits = v.to_bits();
+    if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 1 << 31
+    }
+}
+
+/// Mean and nearest-rank quantiles of the finite `values`, exactly, without
+/// copying and sorting them: a histogram of the top 16 bits of each value's
+/// [`order_key`] (sign, exponent and 7 bits of mantissa: buckets 1/128 of an
+/// octave wide) finds the bucket each rank falls in, and a second pass selects
+/// among the few values of those buckets. A KITTI-sized map: 3.0 + 1.5 ms
+/// (copy and select for the statistics, then again for the 99th percentile)
+/// became 1.9 ms for all four (`make bench-request`, `sigma_stats`). `None` without a
+/// finite value.
+fn describe(values: &[f32], quantiles: &[f64]) -> Option<(f32, Vec<f32>)> {
+    const BUCKETS: usize = 1 << 16;
+    let bucket = |v: f32| (order_key(v) >> 16) as usize;
+    let mut counts = vec![0u32; BUCKETS];
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for &v in values.iter().filter(|v| v.is_finite()) {
+        counts[bucket(v)] += 1;
+        sum += f64::from(v);
+        n += 1;
+    }
+    if n == 0 {
+        return None;
+    }
+    // Values below each bucket, then for each quantile its bucket and rank in it.
+    let mut below = Vec::with_capacity(BUCKETS);
+    let mut total = 0usize;
+    for &c in &counts {
+        below.push(total);
+        total += c as usize;
+    }
+    let wanted: Vec<(usize, usize)> = quantiles
+        .iter()
+        .map(|&q| {
+            let r = rank(n, q);
+            // The last bucket that starts at or below rank r holds it.
+            let b = below.partition_point(|&start| start <= r) - 1;
+            (b, r - below[b])
+        })
+        .collect();
+    let mut members: Vec<(usize, Vec<f32>)> = Vec::new();
+    for &(b, _) in &wanted {
+        if !members.iter().any(|(m, _)| *m == b) {
+            members.push((b, Vec::with_capacity(counts[b] as usize)));
+        }
+    }
+    for &v in values.iter().filter(|v| v.is_finite()) {
+        let b = bucket(v);
+        if let Some((_, list)) = members.iter_mut().find(|(m, _)| *m == b) {
+            list.push(v);
+        }
+    }
+    let found = wanted
+        .iter()
+        .map(|&(b, r)| {
+            let (_, list) = members.iter_mut().find(|(m, _)| *m == b).expect("collected");
+            *list.select_nth_unstable_by(r, f32::total_cmp).1
+        })
+        .collect();
+    Some(((sum / n as f64) as f32, found))
 }
 
 /// `disparity` with every pixel whose deviation is above `max_sigma` (or not a
@@ -95,6 +164,35 @@ mod tests {
         assert_eq!(quantile(&sigma, 0.99), 10.0);
         assert_eq!(quantile(&sigma, 0.0), 0.25);
         assert_eq!(quantile(&row(&[f32::INFINITY]), 0.5), 0.0);
+    }
+
+    #[test]
+    fn quantiles_from_the_histogram_equal_those_of_a_sort() {
+        // A deterministic mix: deviations over several octaves, repeats, one bucket
+        // holding many values, negatives, zeros and values that are not finite.
+        let mut state = 0x2545_f491_u32;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        let mut values: Vec<f32> = (0..50_000).map(|_| (next() % 1_000_000) as f32 / 1e4 * 0.37).collect();
+        values.extend((0..5_000).map(|_| 0.5 + (next() % 100) as f32 * 1e-6));
+        values.extend([0.0, -0.0, -3.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, 7.0, 7.0]);
+        let mut sorted: Vec<f32> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        sorted.sort_by(f32::total_cmp);
+        for q in [0.0, 0.001, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0] {
+            let expected = sorted[rank(sorted.len(), q)];
+            let (_, found) = describe(&values, &[q]).unwrap();
+            assert_eq!(found[0].to_bits(), expected.to_bits(), "q = {q}");
+        }
+        let (mean, _) = describe(&values, &[0.5]).unwrap();
+        let exact = sorted.iter().map(|&v| f64::from(v)).sum::<f64>() / sorted.len() as f64;
+        assert!((f64::from(mean) - exact).abs() < 1e-4);
+        let one = [2.5f32];
+        assert_eq!(describe(&one, &[0.0, 0.5, 1.0]).unwrap().1, vec![2.5, 2.5, 2.5]);
+        assert!(describe(&[f32::NAN], &[0.5]).is_none());
     }
 
     #[test]

@@ -187,6 +187,9 @@ async fn bad_uncertainty_queries_answer_400_before_inference() {
         "format=png16&ply_uncertainty=true",
         "format=ply&ply_uncertainty=maybe",
         "format=variance",
+        "uncertainty=false&max_uncertainty=1",
+        "format=png16&uncertainty=false",
+        "uncertainty=no",
     ] {
         let reply = send(&app, multipart_request(&format!("/api/v1/disparity?{query}"), &fields)).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{query}");
@@ -197,6 +200,12 @@ async fn bad_uncertainty_queries_answer_400_before_inference() {
     let reply = send(&app, multipart_request("/api/v1/disparity?format=depth_uncertainty", &fields)).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert_eq!(reply.error_code(), "calibration_required");
+    // A JSON answer can leave the deviation out (and its cost).
+    let reply = send(&app, multipart_request("/api/v1/disparity?uncertainty=false", &fields)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let plain = reply.json();
+    assert!(plain.get("uncertainty").is_none() && plain["images"].get("uncertainty_png").is_none(), "{plain}");
+    assert!(plain["images"]["color_png"].is_string());
     // The deviation alone needs no calibration.
     let reply = send(&app, multipart_request("/api/v1/disparity?format=uncertainty", &fields)).await;
     assert_eq!(reply.status, StatusCode::OK);

@@ -190,7 +190,8 @@ pub struct JsonSummary<'a> {
     pub model: &'a str,
     pub precision: &'a str,
     pub timings_ms: Timings,
-    /// The disparity's standard deviation, and what `max_uncertainty` masked.
+    /// The disparity's standard deviation, and what `max_uncertainty` masked
+    /// (left out with `uncertainty=false`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uncertainty: Option<UncertaintySummary>,
     /// Scores of the network's whole answer against the uploaded ground truth,
@@ -235,9 +236,10 @@ pub struct AnswerImages {
     /// float32 PFM of the disparity (with `include_pfm=true`).
     #[schema(content_encoding = "base64", content_media_type = "application/x-portable-floatmap")]
     pub pfm: Option<String>,
-    /// The disparity's standard deviation in colour (turbo, 0 px to `uncertainty.color_max`).
+    /// The disparity's standard deviation in colour (255 turbo levels, 0 px to
+    /// `uncertainty.color_max`); left out with `uncertainty=false`.
     #[schema(content_encoding = "base64", content_media_type = "image/png")]
-    pub uncertainty_png: String,
+    pub uncertainty_png: Option<String>,
     /// float32 PFM of the disparity's standard deviation, px (with `include_pfm=true`).
     #[schema(content_encoding = "base64", content_media_type = "application/x-portable-floatmap")]
     pub uncertainty_pfm: Option<String>,
@@ -320,12 +322,12 @@ pub fn encode_answer(context: &AnswerContext, map: &DisparityMap, sigma: Option<
     // One pass over the map for its statistics, shared with the colour PNG's range.
     let stats = shown.stats();
     let summary = sigma.filter(|_| context.format == OutputFormat::Json).map(|sigma| {
-        let s = uncertainty::stats(sigma);
+        let (s, p99) = uncertainty::stats_and_p99(sigma);
         UncertaintySummary {
             mean: s.mean,
             median: s.median,
             p90: s.p90,
-            color_max: uncertainty::quantile(sigma, 0.99),
+            color_max: p99,
             max_uncertainty: context.max_uncertainty,
             masked_pixels: masked.as_ref().map_or(0, |(_, n)| *n),
         }
@@ -427,7 +429,7 @@ fn encode_json(
     }
     if let (Some(sigma), Some(summary)) = (sigma, uncertainty) {
         let top = summary.color_max;
-        jobs.push(("uncertainty_png", Box::new(move || colormap::color_png_between(sigma, 0.0, top))));
+        jobs.push(("uncertainty_png", Box::new(move || colormap::palette_png_between(sigma, 0.0, top))));
         if include_pfm {
             jobs.push(("uncertainty_pfm", Box::new(move || pfm::encode(sigma))));
         }
@@ -569,7 +571,7 @@ mod tests {
         assert_eq!(b64("kitti_png16"), kitti::encode_png16(&map));
         assert_eq!(b64("pfm"), pfm::encode(&map));
         assert_eq!(b64("uncertainty_pfm"), pfm::encode(&sigma));
-        assert_eq!(b64("uncertainty_png"), colormap::color_png_between(&sigma, 0.0, 2.0));
+        assert_eq!(b64("uncertainty_png"), colormap::palette_png_between(&sigma, 0.0, 2.0));
         assert!(b64("error_png").starts_with(b"\x89PNG"));
         assert_eq!(json["uncertainty"]["median"], 1.5); // nearest rank of 4 values: round(1.5) = 2
         assert_eq!(json["uncertainty"]["color_max"], 2.0);

@@ -168,6 +168,16 @@ fn phases(o: &Options, engine: &Engine, runtime: &tokio::runtime::Runtime) -> se
         row.insert("color_png", time_ms(o.iters, || colormap::color_png(&map)));
         row.insert("png16", time_ms(o.iters, || kitti::encode_png16(&map)));
         row.insert("pfm", time_ms(o.iters, || pfm::encode(&map)));
+        // The deviation's parts of a JSON answer.
+        row.insert("sigma_stats", time_ms(o.iters, || stereo_recon::uncertainty::stats_and_p99(&sigma)));
+        let top = stereo_recon::uncertainty::stats_and_p99(&sigma).1;
+        row.insert("sigma_color_png", time_ms(o.iters, || colormap::palette_png_between(&sigma, 0.0, top)));
+        row.insert("sigma_rgb_png", time_ms(o.iters, || colormap::color_png_between(&sigma, 0.0, top)));
+        println!(
+            "deviation PNG: {} bytes with a palette, {} true-colour",
+            colormap::palette_png_between(&sigma, 0.0, top).len(),
+            colormap::color_png_between(&sigma, 0.0, top).len()
+        );
         // What each PNG filter costs and saves on this map (the choice in codec::png_bytes).
         let colour_raw = colormap::colorize(&map, stats.min, stats.max).into_raw();
         let png16_raw: Vec<u8> = map.values().iter().flat_map(|&d| kitti::encode_value(d).to_ne_bytes()).collect();
@@ -214,6 +224,10 @@ fn phases(o: &Options, engine: &Engine, runtime: &tokio::runtime::Runtime) -> se
                 _ => "encode_pfm",
             };
             row.insert(key, time_ms(o.iters, || encode_answer(&context, &map, Some(&sigma))));
+            if name == "json" {
+                // The JSON answer as it was before it carried the deviation (statistics, image).
+                row.insert("encode_json_no_sigma", time_ms(o.iters, || encode_answer(&context, &map, None)));
+            }
         }
         println!("\nin process, {width}x{height} (median of {} runs, ms):", o.iters);
         for (step, ms) in &row {
