@@ -53,7 +53,7 @@ python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print("model:", m["
     "$out/model.json" | tee -a "$out/summary.txt"
 
 # Timed requests: the Server-Timing phases of each, then medians.
-for format in pfm png16 json; do
+for format in pfm png16 uncertainty json; do
     : >"$out/timing-$format.txt"
     for i in $(seq 0 "$requests"); do
         curl -s -o /dev/null -D - -w 'client_ms %{time_total}\n' \
@@ -66,7 +66,7 @@ done
 python3 - "$out" >>"$out/summary.txt" <<'EOF'
 import re, statistics, sys
 out = sys.argv[1]
-for fmt in ("pfm", "png16", "json"):
+for fmt in ("pfm", "png16", "uncertainty", "json"):
     rows = [l for l in open(f"{out}/timing-{fmt}.txt") if l.strip()][1:]  # the first pays cold start
     phases = {}
     for row in rows:
