@@ -197,7 +197,10 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
     );
     summary.push_str(&uncertainty_note);
     if let (Some(rectification), Some(colours)) = (rectification, colours) {
-        let depth = crate::reconstruct::depth_map(&map, &rectification.camera, args.max_depth);
+        let mut depth = crate::reconstruct::depth_map(&map, &rectification.camera, args.max_depth);
+        if let (Some(sigma), Some(max)) = (&prediction.uncertainty, args.max_uncertainty) {
+            depth.mark_uncertain(sigma, max);
+        }
         let d = depth.stats(args.max_depth);
         if let (Some(path), Some(kind)) = (&args.depth, &depth_kind) {
             write(path, if kind.as_deref() == Some("pfm") { depth.to_pfm() } else { depth.to_png16_mm() })?;
@@ -207,10 +210,12 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
             let to_left = crate::geometry::transpose(&rectification.r_left);
             let cloud = depth.point_cloud(&colours, &to_left);
             points = cloud.len();
-            write(path, crate::reconstruct::encode_ply(&cloud, d.units))?;
+            // With the deviation at hand, each point carries it (and its depth's).
+            let per_point = prediction.uncertainty.as_ref().map(|sigma| depth.point_uncertainties(sigma));
+            write(path, crate::reconstruct::encode_ply_with_uncertainty(&cloud, per_point.as_deref(), d.units))?;
         }
         summary.push_str(&format!(
-            "\n{}depth {:.3} to {:.3} {u} (median {:.3} {u}), {} pixels with depth; left out: {} invalid, {} out of view, {} occluded, {} beyond max depth{}",
+            "\n{}depth {:.3} to {:.3} {u} (median {:.3} {u}), {} pixels with depth; left out: {} invalid, {} out of view, {} occluded, {} beyond max depth, {} too uncertain{}",
             if rectification.applied { "rectified; " } else { "" },
             d.min,
             d.max,
@@ -220,6 +225,7 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
             d.out_of_view_pixels,
             d.occluded_pixels,
             d.beyond_max_depth_pixels,
+            d.too_uncertain_pixels,
             if args.ply.is_some() { format!("; {points} points written") } else { String::new() },
             u = d.units,
         ));

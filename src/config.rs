@@ -221,7 +221,8 @@ pub struct PredictArgs {
     /// With --calib: write depth here (.pfm float32 in the calibration's units, .png 16-bit mm).
     #[arg(long, requires = "calib")]
     pub depth: Option<PathBuf>,
-    /// With --calib: write the coloured point cloud here (binary PLY, left camera frame).
+    /// With --calib: write the coloured point cloud here (binary PLY, left camera frame; with
+    /// --uncertainty or --max-uncertainty each point also carries sigma_disparity and sigma_depth).
     #[arg(long, requires = "calib")]
     pub ply: Option<PathBuf>,
     /// With --calib: leave out points farther than this (calibration units).

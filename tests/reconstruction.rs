@@ -417,32 +417,58 @@ fn cli_writes_depth_and_a_ply_for_a_turned_rig() {
     let mut calibration = rig.calibration.clone();
     calibration.units = stereo_recon::calibration::Units::Metres;
     std::fs::write(dir.join("stereo.yml"), formats::write_opencv_yaml(&calibration)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stereo-recon"))
-        .args([
-            "predict",
-            "l.png",
-            "r.png",
-            "-o",
-            "d.pfm",
-            "--calib",
-            "stereo.yml",
-            "--depth",
-            "z.png",
-            "--ply",
-            "p.ply",
-        ])
-        .args(["--max-depth", "5", "--device", "cpu", "--model"])
-        .arg(model_path())
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}{}", stdout, String::from_utf8_lossy(&out.stderr));
+    let predict = |ply: &str, more: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stereo-recon"))
+            .args([
+                "predict",
+                "l.png",
+                "r.png",
+                "-o",
+                "d.pfm",
+                "--calib",
+                "stereo.yml",
+                "--depth",
+                "z.png",
+                "--ply",
+                ply,
+            ])
+            .args(more)
+            .args(["--max-depth", "5", "--device", "cpu", "--model"])
+            .arg(model_path())
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}{}", stdout, String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let stdout = predict("p.ply", &[]);
     assert!(stdout.contains("rectified; depth") && stdout.contains("points written"), "{stdout}");
     let ply = read_ply(&std::fs::read(dir.join("p.ply")).unwrap());
-    assert!(ply.payload["vertex"].len() > 320 * 256 / 2);
+    let all_points = ply.payload["vertex"].len();
+    assert!(all_points > 320 * 256 / 2);
+    assert!(!ply.header.elements["vertex"].properties.contains_key("sigma_disparity"), "asked for no deviation");
     let mm = image::open(dir.join("z.png")).unwrap().into_luma16();
     assert_eq!(mm.dimensions(), (320, 256));
     assert!(mm.pixels().all(|p| p.0[0] <= 5000), "--max-depth 5 (m) leaves out points beyond 5000 mm");
+
+    // With a limit on the deviation: fewer points, each carrying its deviations, none above the limit.
+    let stdout = predict("sure.ply", &["--max-uncertainty", "1"]);
+    let too_uncertain: usize = stdout
+        .split(", ")
+        .find_map(|part| part.split_once(" too uncertain").and_then(|(n, _)| n.parse().ok()))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(too_uncertain > 0, "{stdout}");
+    let sure = read_ply(&std::fs::read(dir.join("sure.ply")).unwrap());
+    let vertices = &sure.payload["vertex"];
+    assert!(vertices.len() < all_points, "{} of {all_points}", vertices.len());
+    for v in vertices {
+        let (ply_rs::ply::Property::Float(sd), ply_rs::ply::Property::Float(sz)) =
+            (&v["sigma_disparity"], &v["sigma_depth"])
+        else {
+            panic!("the deviations are float properties")
+        };
+        assert!(*sd <= 1.0 && *sz >= 0.0 && sz.is_finite(), "{sd} {sz}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
