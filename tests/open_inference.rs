@@ -1,7 +1,8 @@
 //! The Open Inference Protocol (KServe v2 / Triton REST) driven by NVIDIA's
 //! own Python client, `tritonclient[http]`, against the live server: health,
-//! metadata, and an inference, in JSON and with the binary tensor extension,
-//! whose disparity equals `/api/v1/disparity?format=pfm` for the same pair.
+//! metadata, and inferences, in JSON and with the binary tensor extension,
+//! whose disparity equals `/api/v1/disparity?format=pfm` for the same pair and
+//! whose deviation equals `format=uncertainty`.
 
 mod common;
 
@@ -33,13 +34,30 @@ async fn tritonclient_reads_metadata_and_infers_the_same_disparity_as_our_api() 
     assert_eq!(model["name"], "psmnet-kitti2015");
     assert_eq!(model["inputs"][0], serde_json::json!({ "name": "left", "datatype": "UINT8", "shape": [-1, -1, 3] }));
     assert_eq!(model["outputs"][0], serde_json::json!({ "name": "disparity", "datatype": "FP32", "shape": [-1, -1] }));
+    assert_eq!(
+        model["outputs"][1],
+        serde_json::json!({ "name": "uncertainty", "datatype": "FP32", "shape": [-1, -1] })
+    );
     for kind in ["json", "binary"] {
         assert_eq!(seen[format!("{kind}_shape")], serde_json::json!([250, 300]), "{kind}");
         assert_eq!(seen[format!("{kind}_dtype")], "float32", "{kind}");
         // The same pixels through the same engine: bit for bit the same map.
         assert_eq!(seen[format!("{kind}_max_abs_diff")], 0.0, "{kind}");
     }
+    // No outputs named: both, the deviation equal to our API's format=uncertainty; and
+    // binary and JSON outputs mixed in one answer.
+    assert_eq!(seen["default_outputs"], serde_json::json!(["disparity", "uncertainty"]));
+    for key in [
+        "default_disparity_max_abs_diff",
+        "default_uncertainty_max_abs_diff",
+        "mixed_disparity_max_abs_diff",
+        "mixed_uncertainty_max_abs_diff",
+    ] {
+        assert_eq!(seen[key], 0.0, "{key}");
+    }
     let errors = &seen["errors"];
+    assert_eq!(errors["unknown_output"][0], "400", "{errors}");
+    assert!(errors["unknown_output"][1].as_str().unwrap().contains("'uncertainty'"), "{errors}");
     assert_eq!(errors["wrong_datatype"][0], "400", "{errors}");
     assert!(errors["wrong_datatype"][1].as_str().unwrap().contains("must be UINT8"), "{errors}");
     assert_eq!(errors["unknown_model"][0], "404", "{errors}");

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /v2/health/live`, `GET /v2/health/ready` | 200, or 400 when not ready (the protocol's "4xx = false") |
 //! | `GET /v2` | server metadata |
-//! | `GET /v2/models/psmnet-kitti2015[/versions/1]` | model metadata: inputs `left`, `right` (UINT8 `[H, W, 3]`), output `disparity` (FP32 `[H, W]`) |
+//! | `GET /v2/models/psmnet-kitti2015[/versions/1]` | model metadata: inputs `left`, `right` (UINT8 `[H, W, 3]`), outputs `disparity` and `uncertainty` (FP32 `[H, W]`) |
 //! | `GET /v2/models/psmnet-kitti2015[/versions/1]/ready` | 200 / 400 |
 //! | `GET /v2/models/psmnet-kitti2015[/versions/1]/config` | Triton's model configuration (read by `perf_analyzer`) |
 //! | `POST /v2/models/psmnet-kitti2015[/versions/1]/infer` | one inference |
@@ -17,6 +17,11 @@
 //! (`parameters.binary_data_size`); an output asked with
 //! `parameters.binary_data: true` (or the request's `binary_data_output`)
 //! comes back the same way. Errors are the protocol's `{"error": "..."}`.
+//!
+//! Two outputs: `disparity` and `uncertainty` (the disparity's per-pixel
+//! standard deviation, px). As the protocol says, a request that names no
+//! outputs gets all of them; one that names only `disparity` skips the
+//! deviation's pass.
 //!
 //! The inference goes through the same admission as `/api/v1/disparity`: the
 //! queue (503 + Retry-After when full), the upload memory budget, the body and
@@ -203,7 +208,7 @@ pub struct ModelPath {
     tag = "open inference protocol",
     params(("name" = String, Path, description = "the model's name", example = "psmnet-kitti2015")),
     responses(
-        (status = 200, description = "Inputs `left`, `right` (UINT8 `[H, W, 3]`), output `disparity` (FP32 `[H, W]`).", body = ModelMetadata),
+        (status = 200, description = "Inputs `left`, `right` (UINT8 `[H, W, 3]`), outputs `disparity` and `uncertainty` (FP32 `[H, W]`, px).", body = ModelMetadata),
         (status = 404, description = "No such model.", body = V2Error),
     )
 )]
@@ -215,7 +220,10 @@ pub async fn model_metadata(Path(path): Path<ModelPath>) -> Result<axum::Json<Mo
         versions: vec![MODEL_VERSION],
         platform: "pytorch_torchscript",
         inputs: vec![image("left"), image("right")],
-        outputs: vec![TensorMetadata { name: "disparity", datatype: "FP32", shape: vec![-1, -1] }],
+        outputs: OutputName::ALL
+            .iter()
+            .map(|o| TensorMetadata { name: o.name(), datatype: "FP32", shape: vec![-1, -1] })
+            .collect(),
     }))
 }
 
@@ -245,7 +253,10 @@ pub async fn model_config(
             { "name": "left", "data_type": "TYPE_UINT8", "format": "FORMAT_NONE", "dims": [-1, -1, 3] },
             { "name": "right", "data_type": "TYPE_UINT8", "format": "FORMAT_NONE", "dims": [-1, -1, 3] },
         ],
-        "output": [{ "name": "disparity", "data_type": "TYPE_FP32", "dims": [-1, -1] }],
+        "output": OutputName::ALL
+            .iter()
+            .map(|o| json!({ "name": o.name(), "data_type": "TYPE_FP32", "dims": [-1, -1] }))
+            .collect::<Vec<_>>(),
         "version_policy": { "latest": { "num_versions": 1 } },
         "instance_group": [{ "name": MODEL_NAME, "kind": if on_gpu { "KIND_GPU" } else { "KIND_CPU" }, "count": 1 }],
     }))
@@ -283,7 +294,8 @@ pub struct InferRequest {
     parameters: Map<String, Value>,
     /// `left` and `right`.
     inputs: Vec<InputTensor>,
-    /// Optional: `disparity`, with `parameters.binary_data`.
+    /// Optional: `disparity` and/or `uncertainty`, each with `parameters.binary_data`
+    /// (none named: both).
     #[serde(default)]
     outputs: Vec<RequestedOutput>,
 }
@@ -464,25 +476,50 @@ fn read_inputs(request: &InferRequest, mut binary: Bytes, max_pixels: u64) -> Re
     StereoPair::new(to_image(left), to_image(right)).map_err(|e| ApiError::SizeMismatch(e).into())
 }
 
-/// Whether the disparity goes back as binary data.
-fn wants_binary(request: &InferRequest) -> Result<bool, ProtocolError> {
-    let request_wide = request.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
-    let mut binary = request_wide;
-    for output in &request.outputs {
-        if output.name != "disparity" {
-            return Err(ProtocolError::bad_request(format!(
-                "unknown output '{}': this model has 'disparity'",
-                super::error::echo(&output.name)
-            )));
-        }
-        if let Some(flag) = output.parameters.get("binary_data").and_then(Value::as_bool) {
-            binary = flag;
-        }
-    }
-    Ok(binary)
+/// The model's outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutputName {
+    Disparity,
+    /// The disparity's per-pixel standard deviation, px.
+    Uncertainty,
 }
 
-/// The output tensor: `disparity`, FP32 `[H, W]`, in `data` or as binary data.
+impl OutputName {
+    const ALL: [OutputName; 2] = [OutputName::Disparity, OutputName::Uncertainty];
+
+    fn name(self) -> &'static str {
+        match self {
+            OutputName::Disparity => "disparity",
+            OutputName::Uncertainty => "uncertainty",
+        }
+    }
+}
+
+/// The outputs to send back, in order, each with whether it goes as binary
+/// data: those named (once each), or all when none is.
+fn requested_outputs(request: &InferRequest) -> Result<Vec<(OutputName, bool)>, ProtocolError> {
+    let request_wide = request.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
+    if request.outputs.is_empty() {
+        return Ok(OutputName::ALL.iter().map(|&o| (o, request_wide)).collect());
+    }
+    let mut wanted: Vec<(OutputName, bool)> = Vec::with_capacity(request.outputs.len());
+    for output in &request.outputs {
+        let name = OutputName::ALL.into_iter().find(|o| o.name() == output.name).ok_or_else(|| {
+            ProtocolError::bad_request(format!(
+                "unknown output '{}': this model has 'disparity' and 'uncertainty'",
+                super::error::echo(&output.name)
+            ))
+        })?;
+        if wanted.iter().any(|(o, _)| *o == name) {
+            return Err(ProtocolError::bad_request(format!("output '{}' asked for twice", name.name())));
+        }
+        let binary = output.parameters.get("binary_data").and_then(Value::as_bool).unwrap_or(request_wide);
+        wanted.push((name, binary));
+    }
+    Ok(wanted)
+}
+
+/// An output tensor, FP32 `[H, W]`, in `data` or as binary data.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct OutputTensor<'a> {
     name: &'static str,
@@ -504,31 +541,48 @@ pub struct InferResponse<'a> {
     model_version: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
-    #[schema(value_type = Vec<OutputTensor>)]
-    outputs: [OutputTensor<'a>; 1],
+    outputs: Vec<OutputTensor<'a>>,
 }
 
-/// The answer: JSON, or JSON then the disparity's little-endian float32 bytes.
-fn encode_answer(request_id: Option<&str>, map: &DisparityMap, binary: bool) -> Response {
-    let values = map.values();
-    let shape = [map.height(), map.width()];
-    let tensor = OutputTensor {
-        name: "disparity",
-        datatype: "FP32",
-        shape,
-        parameters: binary.then(|| json!({ "binary_data_size": values.len() * 4 })),
-        data: (!binary).then_some(values),
+/// The answer: JSON, followed (when any output goes as binary data) by those
+/// outputs' little-endian float32 bytes, in the order the JSON lists them.
+fn encode_answer(
+    request_id: Option<&str>,
+    outputs: &[(OutputName, bool)],
+    disparity: &DisparityMap,
+    uncertainty: Option<&DisparityMap>,
+) -> Response {
+    let map_of = |name| match name {
+        OutputName::Disparity => disparity,
+        OutputName::Uncertainty => uncertainty.expect("the deviation was asked of the engine"),
     };
+    let tensors = outputs
+        .iter()
+        .map(|&(name, binary)| {
+            let map = map_of(name);
+            let values = map.values();
+            OutputTensor {
+                name: name.name(),
+                datatype: "FP32",
+                shape: [map.height(), map.width()],
+                parameters: binary.then(|| json!({ "binary_data_size": values.len() * 4 })),
+                data: (!binary).then_some(values),
+            }
+        })
+        .collect();
     let document =
-        InferResponse { model_name: MODEL_NAME, model_version: MODEL_VERSION, id: request_id, outputs: [tensor] };
+        InferResponse { model_name: MODEL_NAME, model_version: MODEL_VERSION, id: request_id, outputs: tensors };
     let mut body = serde_json::to_vec(&document).expect("the answer serialises");
-    if !binary {
+    if !outputs.iter().any(|(_, binary)| *binary) {
         return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
     }
     let json_length = body.len();
-    body.reserve(values.len() * 4);
-    for v in values {
-        body.extend_from_slice(&v.to_le_bytes());
+    for &(name, _) in outputs.iter().filter(|(_, binary)| *binary) {
+        let values = map_of(name).values();
+        body.reserve(values.len() * 4);
+        for v in values {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
     }
     (
         [
@@ -540,12 +594,13 @@ fn encode_answer(request_id: Option<&str>, map: &DisparityMap, binary: bool) -> 
         .into_response()
 }
 
-/// One inference: a pair in, its disparity out.
+/// One inference: a pair in, its disparity (and its per-pixel standard deviation) out.
 ///
 /// With the binary tensor data extension, the body is the JSON request of
 /// `Inference-Header-Content-Length` bytes followed by the inputs' bytes, and a
 /// binary answer is its JSON part (length in the same header) followed by the
-/// disparity as little-endian float32.
+/// binary outputs as little-endian float32, in the order the JSON lists them.
+/// A request naming no outputs gets both `disparity` and `uncertainty`.
 #[utoipa::path(
     post,
     path = "/v2/models/{name}/infer",
@@ -559,7 +614,7 @@ fn encode_answer(request_id: Option<&str>, map: &DisparityMap, binary: bool) -> 
         (super::BinaryFile = "application/octet-stream"),
     )),
     responses(
-        (status = 200, description = "The disparity.", content(
+        (status = 200, description = "The outputs asked for (all when none is named).", content(
             (InferResponse = "application/json"),
             (super::BinaryFile = "application/octet-stream"),
         )),
@@ -589,21 +644,28 @@ pub async fn infer(
         let parsed: InferRequest = serde_json::from_slice(&json_part).map_err(|e| {
             ProtocolError::bad_request(format!("invalid inference request: {}", super::error::echo(&e.to_string())))
         })?;
-        let binary_out = wants_binary(&parsed)?;
+        let outputs = requested_outputs(&parsed)?;
         let pair = read_inputs(&parsed, binary, max_pixels)?;
         let (width, height) = pair.dimensions();
         let _decoded = uploads.try_admit(decoded_pair_bytes(width, height)).ok_or_else(|| uploads.full())?;
-        Ok(((parsed.id, binary_out), pair))
+        Ok(((parsed.id, outputs), pair))
     })
     .await
     .map_err(|_| ApiError::Internal("the request parser panicked".into()))??;
     drop(receiving);
-    let (id, binary) = parsed;
+    let (id, outputs) = parsed;
 
-    let prediction = state.engine.predict(pair).await.map_err(ApiError::from)?;
-    let answer = tokio::task::spawn_blocking(move || encode_answer(id.as_deref(), &prediction.disparity, binary))
-        .await
-        .map_err(|_| ApiError::Internal("the answer encoder panicked".into()))?;
+    let prediction = if outputs.iter().any(|(name, _)| *name == OutputName::Uncertainty) {
+        state.engine.predict_with_uncertainty(pair).await
+    } else {
+        state.engine.predict(pair).await
+    }
+    .map_err(ApiError::from)?;
+    let answer = tokio::task::spawn_blocking(move || {
+        encode_answer(id.as_deref(), &outputs, &prediction.disparity, prediction.uncertainty.as_ref())
+    })
+    .await
+    .map_err(|_| ApiError::Internal("the answer encoder panicked".into()))?;
     Ok(answer)
 }
 
@@ -631,6 +693,45 @@ mod tests {
         assert_eq!((&json_part[..], &binary[..]), (&b"{\"a\":1}"[..], &b"\x01\x02"[..]));
         headers.insert(HEADER_LENGTH, HeaderValue::from_static("99"));
         assert!(split_body(&headers, &body).is_err());
+    }
+
+    #[test]
+    fn outputs_default_to_all_and_are_checked() {
+        let request = |json: Value| -> InferRequest { serde_json::from_value(json).unwrap() };
+        let none = request(json!({ "inputs": [], "parameters": { "binary_data_output": true } }));
+        assert_eq!(
+            requested_outputs(&none).unwrap(),
+            vec![(OutputName::Disparity, true), (OutputName::Uncertainty, true)]
+        );
+        let one = request(
+            json!({ "inputs": [], "outputs": [{ "name": "uncertainty", "parameters": { "binary_data": true } }] }),
+        );
+        assert_eq!(requested_outputs(&one).unwrap(), vec![(OutputName::Uncertainty, true)]);
+        let twice = request(json!({ "inputs": [], "outputs": [{ "name": "disparity" }, { "name": "disparity" }] }));
+        assert!(requested_outputs(&twice).is_err());
+        let unknown = request(json!({ "inputs": [], "outputs": [{ "name": "depth" }] }));
+        assert!(requested_outputs(&unknown).is_err());
+    }
+
+    #[test]
+    fn binary_outputs_follow_the_json_in_its_order() {
+        let disparity = DisparityMap::new(2, 1, vec![1.0, 2.0]).unwrap();
+        let sigma = DisparityMap::new(2, 1, vec![0.5, 0.25]).unwrap();
+        let outputs = [(OutputName::Uncertainty, true), (OutputName::Disparity, false)];
+        let response = encode_answer(Some("x"), &outputs, &disparity, Some(&sigma));
+        let json_length: usize = response.headers()[HEADER_LENGTH].to_str().unwrap().parse().unwrap();
+        let body = futures_body(response);
+        let document: Value = serde_json::from_slice(&body[..json_length]).unwrap();
+        assert_eq!(document["outputs"][0]["name"], "uncertainty");
+        assert_eq!(document["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(document["outputs"][1]["data"], json!([1.0, 2.0]));
+        let tail: Vec<f32> = body[json_length..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(tail, vec![0.5, 0.25]);
+    }
+
+    fn futures_body(response: Response) -> Bytes {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(axum::body::to_bytes(response.into_body(), usize::MAX)).unwrap()
     }
 
     #[test]

@@ -29,8 +29,9 @@ def read_pfm(data: bytes) -> np.ndarray:
     return np.flipud(values)
 
 
-def api_v1_pfm(address: str, left: bytes, right: bytes) -> np.ndarray:
-    """The same pair through our own API, as float32 PFM."""
+def api_v1_pfm(address: str, left: bytes, right: bytes, fmt: str = "pfm") -> np.ndarray:
+    """The same pair through our own API, as float32 PFM (the disparity, or with
+    fmt="uncertainty" its standard deviation)."""
     boundary = uuid.uuid4().hex
     parts = []
     for name, payload in (("left", left), ("right", right)):
@@ -40,7 +41,7 @@ def api_v1_pfm(address: str, left: bytes, right: bytes) -> np.ndarray:
         )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     request = urllib.request.Request(
-        f"http://{address}/api/v1/disparity?format=pfm",
+        f"http://{address}/api/v1/disparity?format={fmt}",
         data=body,
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
     )
@@ -48,15 +49,20 @@ def api_v1_pfm(address: str, left: bytes, right: bytes) -> np.ndarray:
         return read_pfm(answer.read())
 
 
-def infer(client, left: np.ndarray, right: np.ndarray, binary: bool) -> np.ndarray:
+def pair_inputs(left: np.ndarray, right: np.ndarray, binary: bool) -> list:
     inputs = []
     for name, array in (("left", left), ("right", right)):
         tensor = httpclient.InferInput(name, list(array.shape), "UINT8")
         tensor.set_data_from_numpy(array, binary_data=binary)
         inputs.append(tensor)
+    return inputs
+
+
+def infer(client, left: np.ndarray, right: np.ndarray, binary: bool) -> np.ndarray:
     outputs = [httpclient.InferRequestedOutput("disparity", binary_data=binary)]
-    result = client.infer(MODEL, inputs, outputs=outputs, request_id="pair-1")
+    result = client.infer(MODEL, pair_inputs(left, right, binary), outputs=outputs, request_id="pair-1")
     assert result.get_response()["id"] == "pair-1"
+    assert result.as_numpy("uncertainty") is None, "only the disparity was asked for"
     return result.as_numpy("disparity")
 
 
@@ -80,6 +86,21 @@ def main() -> None:
         seen[f"{key}_shape"] = list(disparity.shape)
         seen[f"{key}_dtype"] = str(disparity.dtype)
         seen[f"{key}_max_abs_diff"] = float(np.max(np.abs(disparity - reference)))
+    # No outputs named: the protocol's "all of them", the deviation in binary beside the
+    # disparity in JSON when asked that way.
+    sigma_reference = api_v1_pfm(address, left_png, right_png, "uncertainty")
+    result = client.infer(MODEL, pair_inputs(left, right, True))
+    names = [o["name"] for o in result.get_response()["outputs"]]
+    seen["default_outputs"] = names
+    seen["default_uncertainty_max_abs_diff"] = float(np.max(np.abs(result.as_numpy("uncertainty") - sigma_reference)))
+    seen["default_disparity_max_abs_diff"] = float(np.max(np.abs(result.as_numpy("disparity") - reference)))
+    mixed = [
+        httpclient.InferRequestedOutput("uncertainty", binary_data=True),
+        httpclient.InferRequestedOutput("disparity", binary_data=False),
+    ]
+    result = client.infer(MODEL, pair_inputs(left, right, False), outputs=mixed)
+    seen["mixed_uncertainty_max_abs_diff"] = float(np.max(np.abs(result.as_numpy("uncertainty") - sigma_reference)))
+    seen["mixed_disparity_max_abs_diff"] = float(np.max(np.abs(result.as_numpy("disparity") - reference)))
     # Errors: the protocol's error object, through the client's exception.
     errors = {}
     try:
@@ -88,6 +109,10 @@ def main() -> None:
         client.infer(MODEL, [wrong])
     except InferenceServerException as e:
         errors["wrong_datatype"] = [e.status(), e.message()]
+    try:
+        client.infer(MODEL, pair_inputs(left, right, True), outputs=[httpclient.InferRequestedOutput("depth")])
+    except InferenceServerException as e:
+        errors["unknown_output"] = [e.status(), e.message()]
     try:
         client.get_model_metadata("no-such-model")
     except InferenceServerException as e:
