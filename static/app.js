@@ -763,13 +763,18 @@
       redraw();
     });
 
+    // Puts the points into the GPU's buffers.
+    function upload(c) {
+      gl.bindBuffer(gl.ARRAY_BUFFER, buffers.position);
+      gl.bufferData(gl.ARRAY_BUFFER, c.positions, gl.STATIC_DRAW);
+      gl.bindBuffer(gl.ARRAY_BUFFER, buffers.colour);
+      gl.bufferData(gl.ARRAY_BUFFER, c.colours, gl.STATIC_DRAW);
+      view.count = c.count;
+    }
+
     return {
       load(c) {
-        gl.bindBuffer(gl.ARRAY_BUFFER, buffers.position);
-        gl.bufferData(gl.ARRAY_BUFFER, c.positions, gl.STATIC_DRAW);
-        gl.bindBuffer(gl.ARRAY_BUFFER, buffers.colour);
-        gl.bufferData(gl.ARRAY_BUFFER, c.colours, gl.STATIC_DRAW);
-        view.count = c.count;
+        upload(c);
         // Start where the left camera stood, orbiting around the median depth ahead of it,
         // with the camera's own vertical field of view.
         const depths = [];
@@ -789,11 +794,7 @@
       },
       // New points (the slider hid or showed some), the view kept where the user left it.
       replace(c) {
-        gl.bindBuffer(gl.ARRAY_BUFFER, buffers.position);
-        gl.bufferData(gl.ARRAY_BUFFER, c.positions, gl.STATIC_DRAW);
-        gl.bindBuffer(gl.ARRAY_BUFFER, buffers.colour);
-        gl.bufferData(gl.ARRAY_BUFFER, c.colours, gl.STATIC_DRAW);
-        view.count = c.count;
+        upload(c);
         redraw();
       },
       setLine(points) {
