@@ -42,11 +42,6 @@ fn summary_of(values: &[f32]) -> (UncertaintyStats, f32) {
     }
 }
 
-/// The `q` quantile (nearest rank) of the finite values of `sigma`; 0 without any.
-pub fn quantile(sigma: &DisparityMap, q: f64) -> f32 {
-    describe(sigma.values(), &[q]).map_or(0.0, |(_, found)| found[0])
-}
-
 /// Index of the `q` quantile among `len` sorted values (nearest rank).
 fn rank(len: usize, q: f64) -> usize {
     ((q.clamp(0.0, 1.0) * (len - 1) as f64).round() as usize).min(len - 1)
@@ -161,9 +156,9 @@ mod tests {
         assert_eq!(s.median, 1.5);
         assert_eq!(s.p90, 4.0); // rank round(0.9 * 8) = 7
         assert_eq!(stats(&row(&[f32::NAN])), UncertaintyStats { mean: 0.0, median: 0.0, p90: 0.0 });
-        assert_eq!(quantile(&sigma, 0.99), 10.0);
-        assert_eq!(quantile(&sigma, 0.0), 0.25);
-        assert_eq!(quantile(&row(&[f32::INFINITY]), 0.5), 0.0);
+        assert_eq!(stats_and_p99(&sigma).1, 10.0);
+        assert_eq!(describe(sigma.values(), &[0.0]).unwrap().1[0], 0.25);
+        assert_eq!(stats_and_p99(&row(&[f32::INFINITY])).1, 0.0);
     }
 
     #[test]

@@ -5,7 +5,6 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use base64::Engine as _;
 use common::*;
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, RgbImage, Rgba};
 use serde_json::json;
@@ -13,14 +12,6 @@ use stereo_recon::codec::{kitti, pfm};
 use stereo_recon::Limits;
 
 const CHECKPOINT_SHA256: &str = "1ef1b757f0ca909c6fae20281dc0283965e8d47e034e47502dcb16f845ad143d";
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn unb64(value: &serde_json::Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD.decode(value.as_str().expect("a base64 string")).unwrap()
-}
 
 // ---- Output formats ---------------------------------------------------------------
 

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use base64::Engine as _;
 use common::loadgen::{self, LoadConfig};
 use common::*;
 use image::{ImageFormat, Rgb, RgbImage};
@@ -17,10 +16,6 @@ use stereo_recon::engine::{Engine, EngineConfig, Fault, FaultInjector};
 use stereo_recon::Limits;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
 
 async fn assert_healthy(app: &axum::Router) {
     let health = get(app, "/api/v1/health").await;

@@ -6,16 +6,10 @@
 mod common;
 
 use axum::http::StatusCode;
-use base64::Engine as _;
 use common::*;
 use stereo_recon::calibration::formats;
 use stereo_recon::codec::{kitti, pfm};
 use stereo_recon::disparity::DisparityMap;
-
-fn unb64(value: &serde_json::Value) -> Vec<u8> {
-    let text = value.as_str().unwrap_or_else(|| panic!("not a base64 string: {value}"));
-    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
-}
 
 fn float(value: &ply_rs::ply::Property) -> f32 {
     match value {

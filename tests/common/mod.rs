@@ -211,3 +211,16 @@ pub fn read_ply(bytes: &[u8]) -> ply_rs::ply::Ply<ply_rs::ply::DefaultElement> {
     let parser = ply_rs::parser::Parser::<ply_rs::ply::DefaultElement>::new();
     parser.read_ply(&mut std::io::BufReader::new(bytes)).expect("a standard PLY reader parses it")
 }
+
+/// Standard base64 of `bytes`, for JSON request bodies.
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The bytes of a base64 string in a JSON answer (`images.*`).
+pub fn unb64(value: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    let text = value.as_str().unwrap_or_else(|| panic!("not a base64 string: {value}"));
+    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
+}
