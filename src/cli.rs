@@ -321,7 +321,7 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
                 let errors = error_map(&map, truth);
                 write(
                     "error.png",
-                    crate::codec::png_bytes(errors.as_raw(), width, height, image::ExtendedColorType::Rgb8),
+                    crate::codec::png_bytes(errors.as_raw(), width, height, crate::codec::PixelKind::Rgb8),
                 )?;
             }
         }

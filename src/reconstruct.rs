@@ -25,10 +25,10 @@
 //! forward): the rectification rotation is undone, so points from a rectified
 //! and an unrectified run of the same rig line up.
 
-use image::{ExtendedColorType, Rgb32FImage};
+use image::Rgb32FImage;
 use serde::Serialize;
 
-use crate::codec::{colormap, pfm, png_bytes};
+use crate::codec::{colormap, pfm, png_bytes, PixelKind};
 use crate::disparity::DisparityMap;
 use crate::geometry::{self, Mat3};
 use crate::rectify::StereoCamera;
@@ -204,9 +204,9 @@ impl DepthMap {
                     0
                 }
             })
-            .flat_map(u16::to_ne_bytes)
+            .flat_map(u16::to_be_bytes)
             .collect();
-        png_bytes(&raw, self.width, self.height, ExtendedColorType::L16)
+        png_bytes(&raw, self.width, self.height, PixelKind::Gray16)
     }
 
     /// Colour rendering, near red and far blue (turbo), black where there is no
@@ -232,7 +232,7 @@ impl DepthMap {
                 }
             })
             .collect();
-        png_bytes(&raw, self.width, self.height, ExtendedColorType::Rgb8)
+        png_bytes(&raw, self.width, self.height, PixelKind::Rgb8)
     }
 
     /// Coloured points of every pixel with a depth, in the original left camera's

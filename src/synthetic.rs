@@ -453,7 +453,7 @@ pub fn write_scene(dir: &Path) -> std::io::Result<()> {
     let pair = render(WIDTH, HEIGHT);
     std::fs::create_dir_all(dir)?;
     let png = |image: &RgbImage| {
-        crate::codec::png_bytes(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::Rgb8)
+        crate::codec::png_bytes(image.as_raw(), image.width(), image.height(), crate::codec::PixelKind::Rgb8)
     };
     std::fs::write(dir.join("left.png"), png(&pair.left))?;
     std::fs::write(dir.join("right.png"), png(&pair.right))?;

@@ -253,6 +253,16 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         assert_eq!(browser.script("return document.getElementById('busy').hidden;"), true, "busy state must end");
         assert_eq!(browser.script("return document.getElementById('result-disparity').naturalWidth;"), 300);
         assert_eq!(browser.script("return document.getElementById('result-disparity').naturalHeight;"), 250);
+        // Chromium's own PNG decoder reads every row of our PNG writer's output
+        // (at this size written in two strips on a machine with two cores):
+        // a row it could not inflate would stay transparent.
+        let opaque = browser.script(
+            "const i = document.getElementById('result-disparity'); const c = document.createElement('canvas'); \
+             c.width = i.naturalWidth; c.height = i.naturalHeight; const x = c.getContext('2d'); x.drawImage(i, 0, 0); \
+             const d = x.getImageData(0, 0, c.width, c.height).data; let n = 0; \
+             for (let k = 3; k < d.length; k += 4) if (d[k] === 255) n++; return n;",
+        );
+        assert_eq!(opaque, 300 * 250, "every pixel of the colour PNG decoded in the browser");
         // Colour bar: drawn canvas and min/max labels in pixels.
         let bar_pixels = browser.script(
             "const c = document.getElementById('bar'); const d = c.getContext('2d').getImageData(0, 0, c.width, 1).data; return [d[0], d[1], d[2], d[4 * (c.width - 1)]];",

@@ -439,7 +439,7 @@ fn encode_json(
             "error_png",
             Box::new(move || {
                 let errors = error_map(map, truth);
-                png_bytes(errors.as_raw(), map.width(), map.height(), image::ExtendedColorType::Rgb8)
+                png_bytes(errors.as_raw(), map.width(), map.height(), crate::codec::PixelKind::Rgb8)
             }),
         ));
     }
@@ -476,7 +476,7 @@ fn encode_json(
                 "rectified_left_png",
                 Box::new(|| {
                     let rgb = image::DynamicImage::ImageRgb32F(r.colours.clone()).into_rgb8();
-                    png_bytes(rgb.as_raw(), rgb.width(), rgb.height(), image::ExtendedColorType::Rgb8)
+                    png_bytes(rgb.as_raw(), rgb.width(), rgb.height(), crate::codec::PixelKind::Rgb8)
                 }),
             ));
         }

@@ -5,7 +5,7 @@
 //! instead of shipping a 256-entry table. `static/app.js` evaluates the same
 //! polynomial for the colour bar, so the bar and the image always agree.
 
-use image::{ExtendedColorType, RgbImage};
+use image::RgbImage;
 
 use crate::disparity::DisparityMap;
 
@@ -120,18 +120,25 @@ pub fn prepare() {
     TurboTable::get();
 }
 
+/// Paints `values` into `raw` (three bytes each) from `lo` (coldest) to
+/// `lo + span` (hottest); black where a value is not finite.
+fn paint(table: &TurboTable, lo: f32, span: f64, values: &[f32], raw: &mut [u8]) {
+    for (rgb, &d) in raw.chunks_exact_mut(3).zip(values) {
+        rgb.copy_from_slice(&if !d.is_finite() {
+            [0, 0, 0]
+        } else if span > 0.0 {
+            table.colour(f64::from(d - lo) / span)
+        } else {
+            turbo(0.5)
+        });
+    }
+}
+
 /// Colourises `map` so that `lo` is the coldest and `hi` the hottest colour.
 /// Non-finite values (no disparity) are drawn black.
 pub fn colorize(map: &DisparityMap, lo: f32, hi: f32) -> RgbImage {
     let span = f64::from(hi - lo);
     let table = TurboTable::get();
-    let paint = |raw: &mut [u8], values: &[f32]| {
-        for (rgb, &d) in raw.chunks_exact_mut(3).zip(values) {
-            if d.is_finite() {
-                rgb.copy_from_slice(&if span > 0.0 { table.colour(f64::from(d - lo) / span) } else { turbo(0.5) });
-            }
-        }
-    };
     let values = map.values();
     let mut raw = vec![0u8; values.len() * 3];
     // Large maps in two halves side by side (a KITTI-sized map: 2.8 -> 1.5 ms).
@@ -140,9 +147,9 @@ pub fn colorize(map: &DisparityMap, lo: f32, hi: f32) -> RgbImage {
     let (top, bottom) = values.split_at(half);
     std::thread::scope(|scope| {
         if !bottom.is_empty() {
-            scope.spawn(|| paint(bottom_raw, bottom));
+            scope.spawn(|| paint(table, lo, span, bottom, bottom_raw));
         }
-        paint(top_raw, top);
+        paint(table, lo, span, top, top_raw);
     });
     RgbImage::from_raw(map.width(), map.height(), raw).expect("three bytes per pixel")
 }
@@ -156,8 +163,14 @@ pub fn color_png(map: &DisparityMap) -> Vec<u8> {
 /// Colour PNG of `map` scaled from `lo` to `hi`, for callers that already
 /// have the map's range (the server computes its statistics once per answer).
 pub fn color_png_between(map: &DisparityMap, lo: f32, hi: f32) -> Vec<u8> {
-    let image = colorize(map, lo, hi);
-    super::png_bytes(image.as_raw(), map.width(), map.height(), ExtendedColorType::Rgb8)
+    // Painted row by row on the PNG writer's threads: no image in between.
+    let span = f64::from(hi - lo);
+    let table = TurboTable::get();
+    let width = map.width() as usize;
+    let values = map.values();
+    super::striped_png::encode_rows(map.width(), map.height(), super::PixelKind::Rgb8, None, |y, row| {
+        paint(table, lo, span, &values[y * width..(y + 1) * width], row)
+    })
 }
 
 /// Turbo levels of [`palette_png_between`]; one more palette entry is black.
@@ -179,23 +192,18 @@ pub fn palette_png_between(map: &DisparityMap, lo: f32, hi: f32) -> Vec<u8> {
         let t = if span > 0.0 { (f64::from(v - lo) / span).clamp(0.0, 1.0) } else { 0.5 };
         round_byte(t * last)
     };
-    let indices: Vec<u8> = map.values().iter().map(|&v| index(v)).collect();
     let mut palette = Vec::with_capacity((LEVELS + 1) * 3);
     for k in 0..LEVELS {
         palette.extend_from_slice(&turbo(k as f64 / last));
     }
     palette.extend_from_slice(&[0, 0, 0]);
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, map.width(), map.height());
-    encoder.set_color(png::ColorType::Indexed);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_palette(palette);
-    encoder.set_compression(png::Compression::Fast);
-    encoder.set_filter(png::Filter::Up);
-    let mut writer = encoder.write_header().expect("a PNG header in memory cannot fail");
-    writer.write_image_data(&indices).expect("PNG encoding into memory of a well-formed buffer cannot fail");
-    writer.finish().expect("finishing a PNG in memory cannot fail");
-    out
+    let width = map.width() as usize;
+    let values = map.values();
+    super::striped_png::encode_rows(map.width(), map.height(), super::PixelKind::Indexed, Some(&palette), |y, row| {
+        for (out, &v) in row.iter_mut().zip(&values[y * width..(y + 1) * width]) {
+            *out = index(v);
+        }
+    })
 }
 
 #[cfg(test)]

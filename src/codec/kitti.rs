@@ -40,13 +40,15 @@ pub fn encode_value(d: f32) -> u16 {
 
 /// 16-bit greyscale PNG of `map` in the KITTI convention.
 pub fn encode_png16(map: &DisparityMap) -> Vec<u8> {
-    // Samples are written big-endian, as PNG stores them, straight into the
-    // buffer the encoder compresses (the image crate would copy them once more).
-    let mut raw = vec![0u8; map.values().len() * 2];
-    for (out, &d) in raw.chunks_exact_mut(2).zip(map.values()) {
-        out.copy_from_slice(&encode_value(d).to_be_bytes());
-    }
-    super::png16_bytes(&raw, map.width(), map.height())
+    // Samples are written big-endian, as PNG stores them, row by row on the
+    // PNG writer's threads.
+    let width = map.width() as usize;
+    let values = map.values();
+    super::striped_png::encode_rows(map.width(), map.height(), super::PixelKind::Gray16, None, |y, row| {
+        for (out, &d) in row.chunks_exact_mut(2).zip(&values[y * width..(y + 1) * width]) {
+            out.copy_from_slice(&encode_value(d).to_be_bytes());
+        }
+    })
 }
 
 /// Reads a KITTI disparity PNG; pixels without a value become `f32::INFINITY`

@@ -3,41 +3,23 @@
 //! - [`colormap`]: a perceptual colour rendering for people (turbo).
 //! - [`kitti`]: the KITTI 16-bit PNG convention, `uint16 = round(d * 256)`, 0 = no value.
 //! - [`pfm`]: float32 Middlebury PFM, lossless.
+//! - [`striped_png`]: the PNG writer behind every PNG we send, compressing
+//!   strips of rows side by side.
 //!
 //! All are pure functions over [`DisparityMap`](crate::disparity::DisparityMap).
 
 pub mod colormap;
 pub mod kitti;
 pub mod pfm;
+pub mod striped_png;
 
-use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::{ExtendedColorType, ImageEncoder};
+pub use striped_png::PixelKind;
 
-/// Filter of every PNG we write. Measured at KITTI size with the fast deflate
-/// (`make bench-request`): "Up" encodes 20 % faster than "Adaptive" for 30 %
-/// more bytes; per-request PNGs favour speed.
-const PNG_FILTER: FilterType = FilterType::Up;
-
-/// 16-bit greyscale PNG of big-endian samples, with the same settings as [`png_bytes`].
-pub(crate) fn png16_bytes(big_endian: &[u8], width: u32, height: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, width, height);
-    encoder.set_color(png::ColorType::Grayscale);
-    encoder.set_depth(png::BitDepth::Sixteen);
-    encoder.set_compression(png::Compression::Fast);
-    encoder.set_filter(png::Filter::Up);
-    let mut writer = encoder.write_header().expect("a PNG header in memory cannot fail");
-    writer.write_image_data(big_endian).expect("PNG encoding into memory of a well-formed buffer cannot fail");
-    writer.finish().expect("finishing a PNG in memory cannot fail");
-    out
-}
-
-/// Encodes raw pixel bytes as PNG, favouring speed: these PNGs are produced per
-/// request and a few percent of size is worth less than milliseconds.
-pub(crate) fn png_bytes(raw: &[u8], width: u32, height: u32, color: ExtendedColorType) -> Vec<u8> {
-    let mut out = Vec::new();
-    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PNG_FILTER)
-        .write_image(raw, width, height, color)
-        .expect("PNG encoding into memory of a well-formed buffer cannot fail");
-    out
+/// PNG of raw pixel bytes (16-bit samples big-endian), made for speed: these
+/// PNGs are produced per request, where a few percent of size is worth less
+/// than milliseconds. Rows are "Up"-filtered and compressed in strips side by
+/// side ([`striped_png`]); at KITTI size that replaced the `png` crate's
+/// fastest single-threaded setting (`make bench-request`: `png_writers`).
+pub(crate) fn png_bytes(raw: &[u8], width: u32, height: u32, kind: PixelKind) -> Vec<u8> {
+    striped_png::encode(raw, width, height, kind, None)
 }

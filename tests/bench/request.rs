@@ -34,7 +34,7 @@ use image::{ExtendedColorType, ImageEncoder};
 use loadgen::{multipart, ServerProcess};
 use serde_json::json;
 use stereo_recon::api::answer::{encode_answer, AnswerContext, OutputFormat};
-use stereo_recon::codec::{colormap, kitti, pfm};
+use stereo_recon::codec::{colormap, kitti, pfm, striped_png, PixelKind};
 use stereo_recon::decode::{decode_pair, decode_rgb};
 use stereo_recon::disparity::DisparityMap;
 use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, MemoryFormat, Precision, StereoPair};
@@ -208,6 +208,7 @@ fn phases(o: &Options, engine: &Engine, runtime: &tokio::runtime::Runtime) -> se
         for (name, (ms, bytes)) in &filters {
             println!("  {name:<18} {ms:7.2} {bytes:>9}");
         }
+        let writers = png_writers(o.iters, &colour_raw, &png16_raw, width, height);
         for name in &o.formats {
             let context = AnswerContext {
                 format: format_of(name),
@@ -233,9 +234,57 @@ fn phases(o: &Options, engine: &Engine, runtime: &tokio::runtime::Runtime) -> se
         for (step, ms) in &row {
             println!("  {step:<14} {ms:8.2}");
         }
-        rows.push(json!({ "size": format!("{width}x{height}"), "ms": row, "png_filters_ms_bytes": filters }));
+        rows.push(json!({
+            "size": format!("{width}x{height}"),
+            "ms": row,
+            "png_filters_ms_bytes": filters,
+            "png_writers_ms_bytes": writers,
+        }));
     }
     json!(rows)
+}
+
+/// The PNG writers on the same pixels (Up filter): the `png` crate's fastest
+/// setting (fdeflate, one thread: what the server used before its own
+/// writer) against `striped_png` in one strip and in one strip a core.
+fn png_writers(
+    iters: usize,
+    colour_raw: &[u8],
+    png16_native: &[u8],
+    width: u32,
+    height: u32,
+) -> BTreeMap<String, (f64, usize)> {
+    let png16_raw: Vec<u8> =
+        png16_native.chunks_exact(2).flat_map(|s| u16::from_ne_bytes([s[0], s[1]]).to_be_bytes()).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut table = BTreeMap::new();
+    for (what, raw, kind, colour, depth) in [
+        ("color", colour_raw, PixelKind::Rgb8, png::ColorType::Rgb, png::BitDepth::Eight),
+        ("png16", &png16_raw[..], PixelKind::Gray16, png::ColorType::Grayscale, png::BitDepth::Sixteen),
+    ] {
+        let fdeflate = || {
+            let mut out = Vec::new();
+            let mut encoder = png::Encoder::new(&mut out, width, height);
+            encoder.set_color(colour);
+            encoder.set_depth(depth);
+            encoder.set_compression(png::Compression::Fast);
+            encoder.set_filter(png::Filter::Up);
+            let mut writer = encoder.write_header().unwrap();
+            writer.write_image_data(raw).unwrap();
+            writer.finish().unwrap();
+            out
+        };
+        let one_strip = || striped_png::encode_in_strips(raw, width, height, kind, None, 1);
+        let per_core = || striped_png::encode(raw, width, height, kind, None);
+        table.insert(format!("{what} png crate (fdeflate)"), (time_ms(iters, fdeflate), fdeflate().len()));
+        table.insert(format!("{what} striped, 1 strip"), (time_ms(iters, one_strip), one_strip().len()));
+        table.insert(format!("{what} striped, {cores} cores"), (time_ms(iters, per_core), per_core().len()));
+    }
+    println!("\nPNG writers at {width}x{height} (Up filter): ms, bytes");
+    for (name, (ms, bytes)) in &table {
+        println!("  {name:<30} {ms:7.2} {bytes:>9}");
+    }
+    table
 }
 
 /// The phases of one `Server-Timing` header, by name.
