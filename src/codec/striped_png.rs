@@ -780,6 +780,39 @@ mod tests {
     }
 
     #[test]
+    fn random_shapes_contents_and_strip_counts_decode() {
+        // 300 images of random size, pixel kind, strip count and content:
+        // noise, sparse dots, flat bands with random breaks, rare bright pixels.
+        let mut state = 12_345u64;
+        let mut next = move |modulus: u64| {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % modulus
+        };
+        let grey_palette: Vec<u8> = (0..=255u8).flat_map(|i| [i, i, i]).collect();
+        let kinds = [PixelKind::Gray8, PixelKind::Gray16, PixelKind::Rgb8, PixelKind::Indexed];
+        for round in 0..300 {
+            let kind = kinds[next(4) as usize];
+            let (width, height) = (1 + next(700) as u32, 1 + next(90) as u32);
+            let stride = width as usize * kind.bytes_per_pixel();
+            let content = next(4);
+            let raw: Vec<u8> = (0..stride * height as usize)
+                .map(|i| match content {
+                    0 => next(256) as u8,
+                    1 => u8::from(i % 7 == 0),
+                    2 => ((i / 300) % 3) as u8 * next(2) as u8,
+                    _ => u8::from(next(1000) < 3) * 200,
+                })
+                .collect();
+            let strips = 1 + next(12) as usize;
+            let palette = (kind == PixelKind::Indexed).then_some(grey_palette.as_slice());
+            let png = encode_in_strips(&raw, width, height, kind, palette, strips);
+            let case = format!("round {round}: {kind:?} {width}x{height}, content {content}, {strips} strips");
+            assert_eq!(decode_with_png_crate(&png).1, raw, "{case} (png crate)");
+            assert_eq!(decode_with_miniz(&png, stride), raw, "{case} (miniz)");
+        }
+    }
+
+    #[test]
     fn strips_of_several_blocks_decode() {
         // Noise: about a token a byte, so each strip holds several blocks.
         let (width, height) = (1000u32, 200u32);
