@@ -28,7 +28,7 @@
 use image::Rgb32FImage;
 use serde::Serialize;
 
-use crate::codec::{colormap, pfm, png_bytes, PixelKind};
+use crate::codec::{colormap, pfm, striped_png, PixelKind};
 use crate::disparity::DisparityMap;
 use crate::geometry::{self, Mat3};
 use crate::rectify::StereoCamera;
@@ -193,20 +193,20 @@ impl DepthMap {
     /// left out rather than clipped, since a clipped value would be wrong).
     pub fn to_png16_mm(&self) -> Vec<u8> {
         let scale = self.camera.units.in_mm();
-        let raw: Vec<u8> = self
-            .values
-            .iter()
-            .map(|&z| {
-                let mm = (f64::from(z) * scale).round();
-                if z.is_finite() && (1.0..=65535.0).contains(&mm) {
-                    mm as u16
-                } else {
-                    0
-                }
-            })
-            .flat_map(u16::to_be_bytes)
-            .collect();
-        png_bytes(&raw, self.width, self.height, PixelKind::Gray16)
+        let millimetres = |z: f32| {
+            let mm = (f64::from(z) * scale).round();
+            if z.is_finite() && (1.0..=65535.0).contains(&mm) {
+                mm as u16
+            } else {
+                0
+            }
+        };
+        let width = self.width as usize;
+        striped_png::encode_rows(self.width, self.height, PixelKind::Gray16, None, |y, row| {
+            for (out, &z) in row.chunks_exact_mut(2).zip(&self.values[y * width..(y + 1) * width]) {
+                out.copy_from_slice(&millimetres(z).to_be_bytes());
+            }
+        })
     }
 
     /// Colour rendering, near red and far blue (turbo), black where there is no
@@ -219,20 +219,13 @@ impl DepthMap {
             .filter(|z| z.is_finite())
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &z| (lo.min(f64::from(z)), hi.max(f64::from(z))));
         let span = max - min;
-        let raw: Vec<u8> = self
-            .values
-            .iter()
-            .flat_map(|&z| {
-                if !z.is_finite() {
-                    [0, 0, 0]
-                } else if span > 0.0 {
-                    colormap::turbo((max - f64::from(z)) / span)
-                } else {
-                    colormap::turbo(0.5)
-                }
-            })
-            .collect();
-        png_bytes(&raw, self.width, self.height, PixelKind::Rgb8)
+        colormap::turbo_png(self.width, self.height, &self.values, |z| {
+            if span > 0.0 {
+                (max - f64::from(z)) / span
+            } else {
+                0.5
+            }
+        })
     }
 
     /// Coloured points of every pixel with a depth, in the original left camera's

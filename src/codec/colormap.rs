@@ -120,37 +120,25 @@ pub fn prepare() {
     TurboTable::get();
 }
 
-/// Paints `values` into `raw` (three bytes each) from `lo` (coldest) to
-/// `lo + span` (hottest); black where a value is not finite.
-fn paint(table: &TurboTable, lo: f32, span: f64, values: &[f32], raw: &mut [u8]) {
-    for (rgb, &d) in raw.chunks_exact_mut(3).zip(values) {
-        rgb.copy_from_slice(&if !d.is_finite() {
-            [0, 0, 0]
-        } else if span > 0.0 {
-            table.colour(f64::from(d - lo) / span)
-        } else {
-            turbo(0.5)
-        });
+/// Paints `values` into `raw` (three bytes each): the turbo colour of
+/// `t_of(value)` (0 coldest, 1 hottest), black where a value is not finite.
+fn paint(table: &TurboTable, values: &[f32], raw: &mut [u8], t_of: &impl Fn(f32) -> f64) {
+    for (rgb, &v) in raw.chunks_exact_mut(3).zip(values) {
+        rgb.copy_from_slice(&if v.is_finite() { table.colour(t_of(v)) } else { [0, 0, 0] });
     }
+}
+
+/// Position on the colour scale of `d` between `lo` and `lo + span`; the
+/// middle when the range is empty.
+fn scale(lo: f32, span: f64) -> impl Fn(f32) -> f64 + Sync {
+    move |d| if span > 0.0 { f64::from(d - lo) / span } else { 0.5 }
 }
 
 /// Colourises `map` so that `lo` is the coldest and `hi` the hottest colour.
 /// Non-finite values (no disparity) are drawn black.
 pub fn colorize(map: &DisparityMap, lo: f32, hi: f32) -> RgbImage {
-    let span = f64::from(hi - lo);
-    let table = TurboTable::get();
-    let values = map.values();
-    let mut raw = vec![0u8; values.len() * 3];
-    // Large maps in two halves side by side (a KITTI-sized map: 2.8 -> 1.5 ms).
-    let half = if values.len() >= 1 << 16 { values.len() / 2 } else { values.len() };
-    let (top_raw, bottom_raw) = raw.split_at_mut(half * 3);
-    let (top, bottom) = values.split_at(half);
-    std::thread::scope(|scope| {
-        if !bottom.is_empty() {
-            scope.spawn(|| paint(table, lo, span, bottom, bottom_raw));
-        }
-        paint(table, lo, span, top, top_raw);
-    });
+    let mut raw = vec![0u8; map.values().len() * 3];
+    paint(TurboTable::get(), map.values(), &mut raw, &scale(lo, f64::from(hi - lo)));
     RgbImage::from_raw(map.width(), map.height(), raw).expect("three bytes per pixel")
 }
 
@@ -163,13 +151,17 @@ pub fn color_png(map: &DisparityMap) -> Vec<u8> {
 /// Colour PNG of `map` scaled from `lo` to `hi`, for callers that already
 /// have the map's range (the server computes its statistics once per answer).
 pub fn color_png_between(map: &DisparityMap, lo: f32, hi: f32) -> Vec<u8> {
-    // Painted row by row on the PNG writer's threads: no image in between.
-    let span = f64::from(hi - lo);
+    turbo_png(map.width(), map.height(), map.values(), scale(lo, f64::from(hi - lo)))
+}
+
+/// Colour PNG of `values` (`width` a row): the turbo colour of `t_of(value)`
+/// (0 coldest, 1 hottest), black where a value is not finite. Painted row by
+/// row on the PNG writer's threads, with no image in between.
+pub fn turbo_png(width: u32, height: u32, values: &[f32], t_of: impl Fn(f32) -> f64 + Sync) -> Vec<u8> {
     let table = TurboTable::get();
-    let width = map.width() as usize;
-    let values = map.values();
-    super::striped_png::encode_rows(map.width(), map.height(), super::PixelKind::Rgb8, None, |y, row| {
-        paint(table, lo, span, &values[y * width..(y + 1) * width], row)
+    let w = width as usize;
+    super::striped_png::encode_rows(width, height, super::PixelKind::Rgb8, None, |y, row| {
+        paint(table, &values[y * w..(y + 1) * w], row, &t_of)
     })
 }
 

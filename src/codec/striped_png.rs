@@ -68,9 +68,7 @@ const MIN_STRIP_BYTES: usize = 64 * 1024;
 /// in as many strips as this machine has cores, within [`MIN_STRIP_BYTES`].
 /// `palette` (RGB triples) is required for [`PixelKind::Indexed`] only.
 pub fn encode(raw: &[u8], width: u32, height: u32, kind: PixelKind, palette: Option<&[u8]>) -> Vec<u8> {
-    let stride = width as usize * kind.bytes_per_pixel();
-    assert_eq!(raw.len(), stride * height as usize, "raw pixels must be width x height x bytes per pixel");
-    encode_rows(width, height, kind, palette, |y, row| row.copy_from_slice(&raw[y * stride..(y + 1) * stride]))
+    encode_in_strips(raw, width, height, kind, palette, strips_for(width, height, kind))
 }
 
 /// PNG of the rows `fill_row(y, row)` writes (row `y`'s raw pixels of
@@ -82,10 +80,14 @@ pub fn encode_rows<F>(width: u32, height: u32, kind: PixelKind, palette: Option<
 where
     F: Fn(usize, &mut [u8]) + Sync,
 {
+    encode_rows_in_strips(width, height, kind, palette, strips_for(width, height, kind), fill_row)
+}
+
+/// One strip a core, each of at least [`MIN_STRIP_BYTES`] of raw pixels.
+fn strips_for(width: u32, height: u32, kind: PixelKind) -> usize {
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
     let raw_bytes = width as usize * kind.bytes_per_pixel() * height as usize;
-    let strips = cores.min(raw_bytes / MIN_STRIP_BYTES).max(1);
-    encode_rows_in_strips(width, height, kind, palette, strips, fill_row)
+    cores.min(raw_bytes / MIN_STRIP_BYTES).max(1)
 }
 
 /// [`encode`] with the number of strips chosen by the caller (tests use it
