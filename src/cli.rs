@@ -1,21 +1,29 @@
-//! What each subcommand does: `serve`, `predict`, `render-synthetic`.
+//! What each subcommand does: `serve`, `predict`, `eval`, `render-synthetic`.
+//! `predict` and `eval` only translate files into pipeline requests and its
+//! outcomes into files and tables.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
+use bytes::Bytes;
+
 use crate::api::{AppState, Limits};
-use crate::codec::{colormap, kitti, pfm};
+use crate::calibration::{Calibration, CalibrationFormat};
+use crate::codec::colormap;
 use crate::config::{Config, EvalArgs, PredictArgs, RenderArgs};
-use crate::decode::decode_rgb;
-use crate::engine::{Engine, EngineConfig, EngineError, StereoPair};
+use crate::engine::{Engine, EngineConfig};
+use crate::pipeline::{EncodedAnswer, Options, Outcome, OutputFormat, PairInput, Pipeline, Request, UploadBudget};
 
 /// Runs the server until SIGTERM or Ctrl-C; exits non-zero if the model cannot load.
 pub async fn serve(config: Config) -> ExitCode {
     colormap::prepare();
+    let cpu_threads = crate::pipeline::pool::init(config.cpu_threads);
+    info!(cpu_threads, "CPU pool ready");
     let engine_config =
         EngineConfig { warm_sizes: config.warm_sizes.clone(), ..config.model.engine_config(config.queue_depth) };
     let engine = match Engine::start(engine_config) {
@@ -34,7 +42,7 @@ pub async fn serve(config: Config) -> ExitCode {
         },
         static_dir: config.static_dir.clone(),
         data_dir: config.data_dir.clone(),
-        uploads: crate::api::guard::UploadBudget::new(config.max_inflight_bytes),
+        uploads: UploadBudget::new(config.max_inflight_bytes),
         origins: crate::api::guard::OriginPolicy { allowed: config.cors_allow_origin.clone() },
         connections: config.connection_limits(),
         connection_stats: Default::default(),
@@ -106,117 +114,104 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// `predict`: decode, infer with the server's engine, write the requested file.
+/// `predict`: one pair through the pipeline, each asked output written to its file.
 pub async fn predict(args: PredictArgs) -> Result<String, String> {
-    let kind = args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    if !matches!(kind.as_deref(), Some("pfm" | "png")) {
-        return Err(format!("{}: the output must end in .pfm or .png", args.output.display()));
+    let outputs = predict_outputs(&args)?;
+    let calibration = args.calib.as_deref().map(read_calibration).transpose()?;
+    let options = Options {
+        formats: outputs.iter().map(|(format, _)| *format).collect(),
+        max_depth: args.max_depth,
+        max_uncertainty: args.max_uncertainty,
+        // With the deviation at hand, each point carries it (and its depth's).
+        ply_uncertainty: args.ply.is_some() && (args.uncertainty.is_some() || args.max_uncertainty.is_some()),
+        uncertainty: args.uncertainty.is_some(),
+        ..Options::default()
+    };
+    let pair = read_pair_files(&args.left, &args.right)?;
+    let pipeline = start_pipeline(&args.model).await?;
+    let request = Request { pair, ground_truth: None, calibration, options, started: Instant::now(), receiving: None };
+    let outcome = pipeline.run(request).await.map_err(|e| e.to_string())?;
+    for (format, path) in &outputs {
+        let answer = outcome.answer(*format).expect("every format asked is answered");
+        let EncodedAnswer::File { bytes, .. } = &answer.body else { unreachable!("predict asks for files only") };
+        std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    let depth_kind = args.depth.as_ref().map(|p| p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase));
-    if let Some(kind) = &depth_kind {
-        if !matches!(kind.as_deref(), Some("pfm" | "png")) {
-            return Err("--depth must end in .pfm (float32) or .png (16-bit mm)".into());
-        }
-    }
+    Ok(predict_summary(&args, &outcome))
+}
+
+/// The files `predict` writes, each with its format.
+fn predict_outputs(args: &PredictArgs) -> Result<Vec<(OutputFormat, PathBuf)>, String> {
+    let extension = |path: &Path| path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     if args.max_depth.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
         return Err("--max-depth must be a positive distance".into());
     }
     if args.max_uncertainty.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
         return Err("--max-uncertainty must be a positive number of pixels".into());
     }
+    let main = match extension(&args.output).as_deref() {
+        Some("pfm") => OutputFormat::Pfm,
+        Some("png") => OutputFormat::Png16,
+        _ => return Err(format!("{}: the output must end in .pfm or .png", args.output.display())),
+    };
+    let mut outputs = vec![(main, args.output.clone())];
+    if let Some(path) = &args.color {
+        outputs.push((OutputFormat::Color, path.clone()));
+    }
     if let Some(path) = &args.uncertainty {
-        if !path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("pfm")) {
+        if extension(path).as_deref() != Some("pfm") {
             return Err(format!("{}: --uncertainty writes a float32 PFM: name it .pfm", path.display()));
         }
+        outputs.push((OutputFormat::Uncertainty, path.clone()));
     }
-    let calibration = match &args.calib {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Some(crate::calibration::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?.0)
-        }
-        None => None,
-    };
-    let pair = read_pair(&args.left, &args.right)?;
-    let (pair, rectification, colours) = match &calibration {
-        Some(calibration) => {
-            let (width, height) = pair.dimensions();
-            calibration.check_size(width, height).map_err(|e| e.to_string())?;
-            let (left, right) = pair.into_images();
-            let (left, right, rectification) =
-                crate::rectify::rectify_pair(calibration, left, right).map_err(|e| e.to_string())?;
-            let colours = left.clone();
-            (StereoPair::new(left, right).map_err(|e| e.to_string())?, Some(rectification), Some(colours))
-        }
-        None => (pair, None, None),
-    };
+    if let Some(path) = &args.depth {
+        let format = match extension(path).as_deref() {
+            Some("pfm") => OutputFormat::Depth,
+            Some("png") => OutputFormat::Depth16,
+            _ => return Err("--depth must end in .pfm (float32) or .png (16-bit mm)".into()),
+        };
+        outputs.push((format, path.clone()));
+    }
+    if let Some(path) = &args.ply {
+        outputs.push((OutputFormat::Ply, path.clone()));
+    }
+    if args.calib.is_none() && (args.depth.is_some() || args.ply.is_some()) {
+        return Err("--depth and --ply need the pair's calibration: add --calib FILE".into());
+    }
+    Ok(outputs)
+}
 
-    let engine = Engine::start(args.model.engine_config(1)).map_err(|e| e.to_string())?;
-    let info = engine.wait_ready().await.map_err(|e| e.to_string())?;
-    let started = Instant::now();
-    let with_uncertainty = args.uncertainty.is_some() || args.max_uncertainty.is_some();
-    let prediction =
-        if with_uncertainty { engine.predict_with_uncertainty(pair).await } else { engine.predict(pair).await }
-            .map_err(|e: EngineError| e.to_string())?;
-    let seconds = started.elapsed().as_secs_f64();
-    let mut map = prediction.disparity;
-    let mut uncertainty_note = String::new();
-    if let Some(sigma) = &prediction.uncertainty {
-        let s = crate::uncertainty::stats(sigma);
-        uncertainty_note = format!(
-            "\nuncertainty (standard deviation): mean {:.2} median {:.2} p90 {:.2} px",
-            s.mean, s.median, s.p90
-        );
-        if let Some(max) = args.max_uncertainty {
-            let (masked, count) = crate::uncertainty::mask(&map, sigma, max);
-            map = masked;
-            uncertainty_note.push_str(&format!("; {count} pixels above {max} px marked as without value"));
-        }
-    }
-
-    let write = |path: &std::path::Path, bytes: Vec<u8>| {
-        std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
-    };
-    write(&args.output, if kind.as_deref() == Some("pfm") { pfm::encode(&map) } else { kitti::encode_png16(&map) })?;
-    if let Some(path) = &args.color {
-        write(path, colormap::color_png(&map))?;
-    }
-    if let (Some(path), Some(sigma)) = (&args.uncertainty, &prediction.uncertainty) {
-        write(path, pfm::encode(sigma))?;
-    }
-    let stats = map.stats();
+/// What `predict` prints: the disparity's range, the time, and with a
+/// calibration the depth's figures.
+fn predict_summary(args: &PredictArgs, outcome: &Outcome) -> String {
+    let (_, first) = &outcome.answers[0];
+    let stats = first.stats;
+    let seconds = (outcome.timings.queue_ms + outcome.timings.inference_ms) / 1000.0;
+    let device = outcome.model.as_ref().map_or("", |m| m.device.as_str());
     let mut summary = format!(
-        "{}: {}x{} disparity, min {:.2} max {:.2} mean {:.2} px, {:.2} s on {}",
+        "{}: {}x{} disparity, min {:.2} max {:.2} mean {:.2} px, {seconds:.2} s on {device}",
         args.output.display(),
-        map.width(),
-        map.height(),
+        outcome.disparity.width(),
+        outcome.disparity.height(),
         stats.min,
         stats.max,
         stats.mean,
-        seconds,
-        info.device
     );
-    summary.push_str(&uncertainty_note);
-    if let (Some(rectification), Some(colours)) = (rectification, colours) {
-        let mut depth = crate::reconstruct::depth_map(&map, &rectification.camera, args.max_depth);
-        if let (Some(sigma), Some(max)) = (&prediction.uncertainty, args.max_uncertainty) {
-            depth.mark_uncertain(sigma, max);
+    if let Some(sigma) = &outcome.uncertainty {
+        let s = crate::uncertainty::stats(sigma);
+        summary.push_str(&format!(
+            "\nuncertainty (standard deviation): mean {:.2} median {:.2} p90 {:.2} px",
+            s.mean, s.median, s.p90
+        ));
+        if let (Some(max), Some(count)) = (args.max_uncertainty, first.masked_pixels) {
+            summary.push_str(&format!("; {count} pixels above {max} px marked as without value"));
         }
-        let d = depth.stats(args.max_depth);
-        if let (Some(path), Some(kind)) = (&args.depth, &depth_kind) {
-            write(path, if kind.as_deref() == Some("pfm") { depth.to_pfm() } else { depth.to_png16_mm() })?;
-        }
-        let mut points = 0;
-        if let Some(path) = &args.ply {
-            let to_left = crate::geometry::transpose(&rectification.r_left);
-            let cloud = depth.point_cloud(&colours, &to_left);
-            points = cloud.len();
-            // With the deviation at hand, each point carries it (and its depth's).
-            let per_point = prediction.uncertainty.as_ref().map(|sigma| depth.point_uncertainties(sigma));
-            write(path, crate::reconstruct::encode_ply_with_uncertainty(&cloud, per_point.as_deref(), d.units))?;
-        }
+    }
+    let depth = outcome.answers.iter().find_map(|(_, a)| a.depth.as_ref());
+    if let Some(d) = depth {
+        let points = outcome.answers.iter().find_map(|(_, a)| a.points);
         summary.push_str(&format!(
             "\n{}depth {:.3} to {:.3} {u} (median {:.3} {u}), {} pixels with depth; left out: {} invalid, {} out of view, {} occluded, {} beyond max depth, {} too uncertain{}",
-            if rectification.applied { "rectified; " } else { "" },
+            if outcome.rectified == Some(true) { "rectified; " } else { "" },
             d.min,
             d.max,
             d.median,
@@ -226,19 +221,38 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
             d.occluded_pixels,
             d.beyond_max_depth_pixels,
             d.too_uncertain_pixels,
-            if args.ply.is_some() { format!("; {points} points written") } else { String::new() },
+            points.map(|n| format!("; {n} points written")).unwrap_or_default(),
             u = d.units,
         ));
     }
-    Ok(summary)
+    summary
 }
 
-fn read_pair(left: &std::path::Path, right: &std::path::Path) -> Result<StereoPair, String> {
-    let read = |path: &std::path::Path| {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        decode_rgb(&bytes, u64::MAX).map_err(|e| format!("{}: {e}", path.display()))
-    };
-    StereoPair::new(read(left)?, read(right)?).map_err(|e| e.to_string())
+/// A calibration file, any format [`crate::calibration::parse`] reads.
+fn read_calibration(path: &Path) -> Result<(Calibration, CalibrationFormat), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::calibration::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The engine for a command-line run, loaded and warmed, behind a pipeline
+/// without the server's limits (the files are the user's own).
+async fn start_pipeline(model: &crate::config::ModelArgs) -> Result<Pipeline, String> {
+    let engine = Engine::start(model.engine_config(1)).map_err(|e| e.to_string())?;
+    engine.wait_ready().await.map_err(|e| e.to_string())?;
+    Ok(Pipeline { engine, budget: UploadBudget::new(u64::MAX), max_pixels: u64::MAX })
+}
+
+/// A pair of image files, read and their headers checked (so a mismatched
+/// pair fails before the model loads; decoding is the pipeline's).
+fn read_pair_files(left: &Path, right: &Path) -> Result<PairInput, String> {
+    let read = |path: &Path| std::fs::read(path).map(Bytes::from).map_err(|e| format!("{}: {e}", path.display()));
+    let (left_bytes, right_bytes) = (read(left)?, read(right)?);
+    crate::decode::probe_pair(&left_bytes, &right_bytes, u64::MAX).map_err(|e| match e {
+        crate::decode::PairError::Left(e) => format!("{}: {e}", left.display()),
+        crate::decode::PairError::Right(e) => format!("{}: {e}", right.display()),
+        mismatch => mismatch.to_string(),
+    })?;
+    Ok(PairInput::Files { left: left_bytes, right: right_bytes })
 }
 
 /// One evaluated pair, as `eval --json` prints it.
@@ -255,9 +269,10 @@ struct PairReport {
     sparsification: Option<crate::eval::Sparsification>,
 }
 
-/// `eval`: runs every pair found under the given folders and scores it.
+/// `eval`: runs every pair found under the given folders through the
+/// pipeline (with its ground truth and the deviation) and scores it.
 pub async fn eval(args: EvalArgs) -> Result<String, String> {
-    use crate::eval::{decode_ground_truth, discover_pairs, error_map, Accumulator, ScoredPixels};
+    use crate::eval::{discover_pairs, Accumulator, ScoredPixels};
 
     let mut pairs = Vec::new();
     for dir in &args.dirs {
@@ -266,71 +281,62 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
     if pairs.is_empty() {
         return Err("no pair folders (with left.* and right.*) found".into());
     }
-    let engine = Engine::start(args.model.engine_config(1)).map_err(|e| e.to_string())?;
-    let info = engine.wait_ready().await.map_err(|e| e.to_string())?;
+    let pipeline = start_pipeline(&args.model).await?;
+    let formats = if args.save.is_some() {
+        vec![OutputFormat::Pfm, OutputFormat::Uncertainty, OutputFormat::Color]
+    } else {
+        vec![]
+    };
 
     let mut overall = Accumulator::default();
     let mut overall_pixels = ScoredPixels::default();
     let mut reports = Vec::new();
+    let mut device = String::new();
     for files in &pairs {
-        let pair = read_pair(&files.left, &files.right)?;
-        let (width, height) = pair.dimensions();
-        let truth = match &files.ground_truth {
-            Some(path) => {
-                let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let truth = decode_ground_truth(&bytes, files.gt_scale.or(args.gt_scale), u64::MAX)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                if (truth.width(), truth.height()) != (width, height) {
-                    return Err(format!(
-                        "{}: ground truth is {}x{} but the images are {width}x{height}",
-                        path.display(),
-                        truth.width(),
-                        truth.height()
-                    ));
-                }
-                Some(truth)
-            }
+        let ground_truth = match &files.ground_truth {
+            Some(path) => Some(std::fs::read(path).map(Bytes::from).map_err(|e| format!("{}: {e}", path.display()))?),
             None => None,
         };
-        let prediction = engine.predict_with_uncertainty(pair).await.map_err(|e| format!("{}: {e}", files.name))?;
-        let map = prediction.disparity;
-        let sigma = prediction.uncertainty.ok_or_else(|| format!("{}: the engine gave no uncertainty", files.name))?;
-        let metrics = truth.as_ref().map(|truth| {
+        let request = Request {
+            pair: read_pair_files(&files.left, &files.right)?,
+            ground_truth,
+            calibration: None,
+            options: Options {
+                formats: formats.clone(),
+                gt_scale: files.gt_scale.or(args.gt_scale),
+                uncertainty: true,
+                ..Options::default()
+            },
+            started: Instant::now(),
+            receiving: None,
+        };
+        let outcome = pipeline.run(request).await.map_err(|e| format!("{}: {e}", files.name))?;
+        device = outcome.model.as_ref().map_or(String::new(), |m| m.device.clone());
+        let map = &outcome.disparity;
+        let sigma =
+            outcome.uncertainty.as_ref().ok_or_else(|| format!("{}: the engine gave no uncertainty", files.name))?;
+        let truth = outcome.truth.as_ref();
+        let metrics = truth.map(|truth| {
             let mut acc = Accumulator::default();
-            acc.add(&map, truth, args.maxdisp);
+            acc.add(map, truth, args.maxdisp);
             overall.merge(&acc);
             acc.metrics()
         });
-        let sparsification = truth.as_ref().and_then(|truth| {
+        let sparsification = truth.and_then(|truth| {
             let mut pixels = ScoredPixels::default();
-            pixels.add(&map, &sigma, truth, args.maxdisp);
+            pixels.add(map, sigma, truth, args.maxdisp);
             overall_pixels.extend(&pixels);
             pixels.sparsification()
         });
         if let Some(out) = &args.save {
-            let dir = out.join(&files.name);
-            let write = |file: &str, bytes: Vec<u8>| {
-                std::fs::create_dir_all(&dir)
-                    .and_then(|_| std::fs::write(dir.join(file), bytes))
-                    .map_err(|e| format!("{}: {e}", dir.join(file).display()))
-            };
-            write("disparity.pfm", pfm::encode(&map))?;
-            write("uncertainty.pfm", pfm::encode(&sigma))?;
-            write("disparity_color.png", colormap::color_png(&map))?;
-            if let Some(truth) = &truth {
-                let errors = error_map(&map, truth);
-                write(
-                    "error.png",
-                    crate::codec::png_bytes(errors.as_raw(), width, height, crate::codec::PixelKind::Rgb8),
-                )?;
-            }
+            save_eval_outputs(&out.join(&files.name), &outcome)?;
         }
         reports.push(PairReport {
             name: files.name.clone(),
             left: files.left.display().to_string(),
-            width,
-            height,
-            inference_ms: prediction.inference.as_secs_f64() * 1000.0,
+            width: map.width(),
+            height: map.height(),
+            inference_ms: outcome.timings.inference_ms,
             ground_truth: files.ground_truth.as_ref().map(|p| p.display().to_string()),
             metrics,
             sparsification,
@@ -339,9 +345,10 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
     let overall = (overall.metrics().valid_pixels > 0).then(|| overall.metrics());
     let overall_sparsification = overall_pixels.sparsification();
     if args.json {
+        let model = pipeline.engine.wait_ready().await.map_err(|e| e.to_string())?;
         let json = serde_json::json!({
-            "model": info.name,
-            "device": info.device,
+            "model": model.name,
+            "device": device,
             "maxdisp": args.maxdisp,
             "pairs": reports,
             "overall": overall,
@@ -349,9 +356,33 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
         });
         return Ok(serde_json::to_string_pretty(&json).expect("report serialises"));
     }
-    let mut text = eval_table(&reports, overall.as_ref(), &info.device, args.maxdisp);
+    let mut text = eval_table(&reports, overall.as_ref(), &device, args.maxdisp);
     text.push_str(&sparsification_table(&reports, overall_sparsification.as_ref()));
     Ok(text)
+}
+
+/// `eval --save`: a pair's disparity, deviation and colour image, and its error map.
+fn save_eval_outputs(dir: &Path, outcome: &Outcome) -> Result<(), String> {
+    let write = |file: &str, bytes: &[u8]| {
+        std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(dir.join(file), bytes))
+            .map_err(|e| format!("{}: {e}", dir.join(file).display()))
+    };
+    for (format, file) in [
+        (OutputFormat::Pfm, "disparity.pfm"),
+        (OutputFormat::Uncertainty, "uncertainty.pfm"),
+        (OutputFormat::Color, "disparity_color.png"),
+    ] {
+        if let Some(EncodedAnswer::File { bytes, .. }) = outcome.answer(format).map(|a| &a.body) {
+            write(file, bytes)?;
+        }
+    }
+    if let Some(truth) = &outcome.truth {
+        let errors = crate::eval::error_map(&outcome.disparity, truth);
+        let (width, height) = errors.dimensions();
+        write("error.png", &crate::codec::png_bytes(errors.as_raw(), width, height, crate::codec::PixelKind::Rgb8))?;
+    }
+    Ok(())
 }
 
 /// The second table of `eval`: error over the most certain pixels, by the

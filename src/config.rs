@@ -162,6 +162,10 @@ pub struct Config {
     /// Requests allowed to wait while one is computed; further requests get 503 at once.
     #[arg(long, env = "STEREO_RECON_QUEUE_DEPTH", default_value_t = 4)]
     pub queue_depth: usize,
+    /// Threads of the one pool that decodes and encodes every request's images (0: one per
+    /// core); requests never start threads of their own.
+    #[arg(long, env = "STEREO_RECON_CPU_THREADS", default_value_t = 0)]
+    pub cpu_threads: usize,
     /// Image sizes (WIDTHxHEIGHT, comma-separated) to run once before health turns ready, so
     /// the first request at each does not pay cuDNN autotuning or the first TorchScript runs.
     #[arg(long, env = "STEREO_RECON_WARM_SIZES", value_delimiter = ',', num_args = 0..)]

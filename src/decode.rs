@@ -61,15 +61,11 @@ pub fn probe_pair(left: &[u8], right: &[u8], max_pixels: u64) -> Result<(u32, u3
     Ok((left_width, left_height))
 }
 
-/// Decodes the two images of a pair side by side (the right one on a scoped
-/// thread). Both headers are read and compared first, so a pair whose sizes
+/// Decodes the two images of a pair side by side (on the CPU pool). Both headers are read and compared first, so a pair whose sizes
 /// differ, or one image over the limit, costs no pixel decoding at all.
 pub fn decode_pair(left: &[u8], right: &[u8], max_pixels: u64) -> Result<(Rgb32FImage, Rgb32FImage), PairError> {
     probe_pair(left, right, max_pixels)?;
-    let (left, right) = std::thread::scope(|scope| {
-        let right = scope.spawn(|| decode_rgb(right, max_pixels));
-        (decode_rgb(left, max_pixels), right.join().expect("decoding does not panic"))
-    });
+    let (left, right) = rayon::join(|| decode_rgb(left, max_pixels), || decode_rgb(right, max_pixels));
     Ok((left.map_err(PairError::Left)?, right.map_err(PairError::Right)?))
 }
 
@@ -90,7 +86,7 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<Rgb32FImage, DecodeEr
 
 /// Float RGB in [0, 1] from 8-bit RGB or RGBA samples (`channels` per pixel;
 /// alpha dropped).
-fn unit_rgb(width: u32, height: u32, raw: &[u8], channels: usize) -> Rgb32FImage {
+pub fn unit_rgb(width: u32, height: u32, raw: &[u8], channels: usize) -> Rgb32FImage {
     let table = unit_table();
     let mut out = vec![0.0f32; width as usize * height as usize * 3];
     for (rgb, pixel) in out.chunks_exact_mut(3).zip(raw.chunks_exact(channels)) {

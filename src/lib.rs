@@ -25,6 +25,8 @@ pub mod engine;
 pub mod eval;
 pub mod geometry;
 pub mod healthcheck;
+#[cfg(feature = "engine")]
+pub mod pipeline;
 pub mod preprocess;
 pub mod reconstruct;
 pub mod rectify;

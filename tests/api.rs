@@ -400,7 +400,12 @@ async fn health_and_model_describe_the_loaded_network() {
     assert_eq!(m["input"]["min_size"], 256);
     assert_eq!(m["input"]["max_pixels"], DEFAULT_LIMITS.max_pixels);
     assert_eq!(m["model_file_sha256"].as_str().unwrap().len(), 64);
-    assert_eq!(m["output"]["with_calibration"]["formats"], serde_json::json!(["depth", "depth16", "ply"]));
+    // Every answer format is listed, each once, split by whether it needs a calibration.
+    assert_eq!(m["output"]["formats"], serde_json::json!(["json", "png16", "color", "pfm", "uncertainty"]));
+    assert_eq!(
+        m["output"]["with_calibration"]["formats"],
+        serde_json::json!(["depth", "depth16", "ply", "depth_uncertainty"])
+    );
 }
 
 #[tokio::test]

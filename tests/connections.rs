@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use stereo_recon::api::guard::UploadBudget;
+use stereo_recon::pipeline::UploadBudget;
 use stereo_recon::server::{ConnectionLimits, ConnectionStats};
 use stereo_recon::AppState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -130,3 +130,83 @@ async fn the_page_is_sent_with_security_headers() {
     assert_eq!(reply.header("referrer-policy"), "no-referrer");
     assert_eq!(reply.header("x-frame-options"), "DENY");
 }
+
+/// The Open Inference Protocol's routes answer its own error shape, whatever refused them.
+#[tokio::test]
+async fn every_v2_error_is_the_protocols_error_object() {
+    let app = app(failed_engine().await);
+    let v2_error = |reply: &Reply| {
+        let json = reply.json();
+        assert!(json["error"].is_string(), "{} answered {json}", reply.status);
+        assert_eq!(reply.header("content-type"), "application/json");
+    };
+    // Invalid UTF-8 in the model name (an extractor's rejection).
+    let reply = get(&app, "/v2/models/%FF%FE").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    v2_error(&reply);
+    // Unmatched route, wrong method, not ready, refused transfer coding, other origin.
+    let reply = get(&app, "/v2/nothing/here").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    v2_error(&reply);
+    let reply = send(&app, Request::delete("/v2/models/psmnet-kitti2015").body(Body::empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    v2_error(&reply);
+    let reply = get(&app, "/v2/health/ready").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    v2_error(&reply);
+    let gzip = Request::post("/v2/models/psmnet-kitti2015/infer")
+        .header("transfer-encoding", "gzip, chunked")
+        .body(Body::empty())
+        .unwrap();
+    let reply = send(&app, gzip).await;
+    assert_eq!(reply.status, StatusCode::NOT_IMPLEMENTED);
+    v2_error(&reply);
+    let foreign = Request::post("/v2/models/psmnet-kitti2015/infer")
+        .header("origin", "https://evil.example")
+        .header("host", "localhost")
+        .body(Body::empty())
+        .unwrap();
+    let reply = send(&app, foreign).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    v2_error(&reply);
+    // Our API keeps its own shape beside it.
+    assert_eq!(get(&app, "/api/v1/nothing").await.error_code(), "not_found");
+}
+
+/// A shape whose H * W * 3 wraps around in u64 is refused (not a panic), whichever input has it.
+#[tokio::test]
+async fn v2_shapes_that_overflow_are_refused() {
+    let app = app(ready_engine(2).await);
+    let input = |name: &str, shape: serde_json::Value, data: serde_json::Value| serde_json::json!({ "name": name, "datatype": "UINT8", "shape": shape, "data": data });
+    let small = serde_json::json!([1, 2, 3, 4, 5, 6]);
+    let wrapping = serde_json::json!([2_900_561_549u64, 4_239_809_835u64, 3]);
+    for (left_shape, right_shape) in
+        [(serde_json::json!([1, 2, 3]), wrapping.clone()), (wrapping, serde_json::json!([1, 2, 3]))]
+    {
+        let body = serde_json::json!({ "inputs": [
+            input("left", left_shape, small.clone()),
+            input("right", right_shape, small.clone()),
+        ]});
+        let reply = send(&app, json_request("/v2/models/psmnet-kitti2015/infer", &body)).await;
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", String::from_utf8_lossy(&reply.body));
+        assert!(reply.json()["error"].is_string());
+    }
+    // Two valid inputs of different sizes: the pair's mismatch, not a crash.
+    let body = serde_json::json!({ "inputs": [
+        input("left", serde_json::json!([1, 2, 3]), small.clone()),
+        input("right", serde_json::json!([2, 1, 3]), small),
+    ]});
+    let reply = send(&app, json_request("/v2/models/psmnet-kitti2015/infer", &body)).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+}
+
+/// A Range past a file's end answers JSON 416 (not an empty body with the file's type).
+#[tokio::test]
+async fn a_range_past_the_end_of_a_file_answers_json() {
+    let app = app(failed_engine().await);
+    let request = Request::get("/static/style.css").header("range", "bytes=99999999-").body(Body::empty()).unwrap();
+    let reply = send(&app, request).await;
+    assert_eq!(reply.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(reply.header("content-type"), "application/json");
+    assert_eq!(reply.error_code(), "range_not_satisfiable");
+}

@@ -326,3 +326,64 @@ async fn the_docs_page_is_served_from_here() {
         assert!(!text.contains("https://") && !text.contains("//cdn"), "an external URL: {text}");
     }
 }
+
+/// Every answer format, asked once, is counted under its own `format` label
+/// (the label list is the format list, so a new format cannot be counted as `invalid`).
+#[tokio::test]
+async fn every_format_is_counted_under_its_own_label() {
+    let engine = ready_engine(2).await;
+    let state = state(engine, DEFAULT_LIMITS);
+    let metrics = state.metrics.clone();
+    let app = stereo_recon::router(state.clone());
+    let scene = small_scene();
+    let calibration = stereo_recon::calibration::formats::write_json(&scene.calibration);
+    let fields: [(&str, &[u8]); 3] =
+        [("left", &scene.left), ("right", &scene.right), ("calibration", calibration.as_bytes())];
+    for format in stereo_recon::pipeline::OutputFormat::ALL {
+        let uri = format!("/api/v1/disparity?format={}", format.label());
+        let reply = send(&app, multipart_request(&uri, &fields)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&reply.body));
+        assert!(reply.header("server-timing").contains("inference;dur="), "{uri}");
+    }
+    let samples = parse_with_prometheus_client(&metrics.render(&state));
+    for format in stereo_recon::pipeline::OutputFormat::ALL {
+        let labels = [("route", "/api/v1/disparity"), ("format", format.label()), ("status", "200")];
+        assert_eq!(total(&samples, "stereo_recon_requests_total", &labels), 1.0, "{}", format.label());
+    }
+    let invalid = [("route", "/api/v1/disparity"), ("format", "invalid"), ("status", "200")];
+    assert_eq!(total(&samples, "stereo_recon_requests_total", &invalid), 0.0);
+    // Files under /static and /data are their routes, not unmatched.
+    for path in ["/static/style.css", "/data/synthetic/left.png"] {
+        assert_eq!(
+            send(&app, axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap()).await.status,
+            StatusCode::OK
+        );
+    }
+    let samples = parse_with_prometheus_client(&metrics.render(&state));
+    for route in ["/static", "/data"] {
+        let labels = [("route", route), ("format", "none"), ("status", "200")];
+        assert_eq!(total(&samples, "stereo_recon_requests_total", &labels), 1.0, "{route}");
+    }
+}
+
+/// The Open Inference Protocol's answers report the same phases as our API's
+/// (`Server-Timing`, the phase histograms).
+#[tokio::test]
+async fn v2_answers_report_their_phases() {
+    let engine = ready_engine(2).await;
+    let state = state(engine, DEFAULT_LIMITS);
+    let app = stereo_recon::router(state.clone());
+    let (width, height) = (40u32, 30u32);
+    let pixels: Vec<u8> = (0..width * height * 3).map(|i| (i % 251) as u8).collect();
+    let input = |name: &str| serde_json::json!({ "name": name, "datatype": "UINT8", "shape": [height, width, 3], "data": pixels });
+    let body = serde_json::json!({ "inputs": [input("left"), input("right")], "outputs": [{ "name": "disparity" }] });
+    let reply = send(&app, json_request("/v2/models/psmnet-kitti2015/infer", &body)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+    let timing = reply.header("server-timing");
+    for phase in ["decode", "queue", "inference", "encode", "total"] {
+        assert!(timing.contains(&format!("{phase};dur=")), "{timing}");
+    }
+    let samples = parse_with_prometheus_client(&state.metrics.render(&state));
+    let inference = [("phase", "inference")];
+    assert_eq!(total(&samples, "stereo_recon_phase_duration_seconds_count", &inference), 1.0);
+}

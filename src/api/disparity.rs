@@ -1,33 +1,20 @@
 //! `POST /api/v1/disparity`: a stereo pair in, a disparity map out.
 //!
 //! The handler is a list of steps: read the query, refuse at once when the
-//! queue is full, read the upload, prepare the inputs (decode, size checks,
-//! rectification, ground truth) on the blocking pool, infer on the engine
-//! thread, then encode the answer on the blocking pool ([`super::answer`]).
-
-use std::time::{Duration, Instant};
+//! queue is full, read the upload, run the pipeline ([`crate::pipeline`]:
+//! decode, infer, encode), and write the answer with its headers.
 
 use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use bytes::Bytes;
 use serde::Deserialize;
 
-use super::answer::{
-    encode_answer, Answer, AnswerContext, EncodedAnswer, JsonSummary, OutputFormat, Reconstruction, Timings,
-};
 use super::error::{ApiError, ErrorAnswer};
-use super::guard::{decoded_pair_bytes, UploadBudget};
-use super::upload::{read_pair, UploadedPair};
+use super::upload::read_pair;
 use super::{AppState, RequestStart};
 use crate::calibration::{self, Calibration, CalibrationError, CalibrationFormat};
-use crate::decode::{decode_pair, probe_pair};
-use crate::disparity::DisparityMap;
-use crate::engine::{ModelInfo, Prediction, StereoPair};
-use crate::eval::decode_ground_truth;
-use crate::preprocess::PadRule;
-use crate::rectify::rectify_pair;
+use crate::pipeline::{self, EncodedAnswer, Options, Outcome, OutputFormat, PairInput};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -73,21 +60,6 @@ fn yes() -> bool {
     true
 }
 
-impl OutputParams {
-    /// Whether the engine must also give the disparity's deviation.
-    fn needs_uncertainty(&self) -> bool {
-        let in_answer = match self.format {
-            OutputFormat::Json => self.uncertainty,
-            format => format.carries_uncertainty(),
-        };
-        in_answer || self.max_uncertainty.is_some() || self.ply_uncertainty
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 10_000.0).round() / 10.0
-}
-
 /// The disparity map of a stereo pair.
 ///
 /// Send a rectified pair (left and right camera, same size) as
@@ -116,7 +88,7 @@ fn ms(d: Duration) -> f64 {
                 ("x-request-id" = String, description = "the request's ID"),
             ),
             content(
-                (super::answer::DisparityAnswer = "application/json"),
+                (crate::pipeline::answer::DisparityAnswer = "application/json"),
                 (super::BinaryFile = "image/png"),
                 (super::BinaryFile = "application/x-portable-floatmap"),
                 (super::BinaryFile = "application/octet-stream"),
@@ -149,33 +121,33 @@ pub async fn disparity(
     let receiving = state.admit_upload(request.headers())?;
     let upload = read_pair(request, state.limits.max_upload_bytes, state.limits.upload_timeout).await?;
     let calibration = upload.calibration.as_deref().map(parse_calibration).transpose()?;
-    if let (Some(name), None) = (params.format.needs_calibration(), &calibration) {
-        return Err(ApiError::CalibrationRequired(name));
+    let format = params.format;
+    let request = pipeline::Request {
+        pair: PairInput::Files { left: upload.left, right: upload.right },
+        ground_truth: upload.ground_truth,
+        calibration,
+        options: params.into_options(),
+        started,
+        receiving: Some(receiving),
+    };
+    let outcome = state.pipeline().run(request).await?;
+    Ok(respond(outcome, format))
+}
+
+impl OutputParams {
+    /// The pipeline's options for this query.
+    fn into_options(self) -> Options {
+        Options {
+            formats: vec![self.format],
+            include_pfm: self.include_pfm,
+            gt_scale: self.gt_scale,
+            max_depth: self.max_depth,
+            max_uncertainty: self.max_uncertainty,
+            ply_uncertainty: self.ply_uncertainty,
+            // A JSON answer carries the deviation unless told not to; files that carry it need it anyway.
+            uncertainty: self.format == OutputFormat::Json && self.uncertainty,
+        }
     }
-
-    let decode_started = Instant::now();
-    let inputs = prepare_inputs(upload, calibration, &params, state.limits.max_pixels, &state.uploads).await?;
-    // The upload's bytes are gone once decoded; the queue bounds the decoded pairs from here.
-    drop(receiving);
-    let decode = decode_started.elapsed();
-    let (width, height) = inputs.pair.dimensions();
-    tracing::Span::current().record("size", format!("{width}x{height}"));
-
-    let prediction = if params.needs_uncertainty() {
-        state.engine.predict_with_uncertainty(inputs.pair).await?
-    } else {
-        state.engine.predict(inputs.pair).await?
-    };
-    let info = state.model_info();
-    let context = AnswerContext {
-        format: params.format,
-        include_pfm: params.include_pfm,
-        truth: inputs.truth,
-        reconstruction: inputs.reconstruction,
-        max_uncertainty: params.max_uncertainty,
-        ply_uncertainty: params.ply_uncertainty,
-    };
-    encode_response(context, prediction, info, started, decode).await
 }
 
 /// The query, or a 400 that lists what is accepted.
@@ -184,8 +156,9 @@ fn output_params(
 ) -> Result<OutputParams, ApiError> {
     let Query(params) = query.map_err(|e| {
         ApiError::InvalidQuery(format!(
-            "invalid query ({}); use format=json|png16|color|pfm|uncertainty|depth|depth16|ply|depth_uncertainty, optionally include_pfm=true, gt_scale=N, max_depth=N, max_uncertainty=N, ply_uncertainty=true, uncertainty=false",
-            super::error::echo(&e.body_text())
+            "invalid query ({}); use format={}, optionally include_pfm=true, gt_scale=N, max_depth=N, max_uncertainty=N, ply_uncertainty=true, uncertainty=false",
+            super::error::echo(&e.body_text()),
+            OutputFormat::choices(),
         ))
     })?;
     if let Some(s) = params.gt_scale {
@@ -231,198 +204,32 @@ fn parse_calibration(bytes: &[u8]) -> Result<(Calibration, CalibrationFormat), A
     Ok(calibration::parse(text)?)
 }
 
-/// The network sees the padded input, so that is what must fit: a 100000 x 1
-/// image is small, but padded to 100000 x 256 it is not. The floor of one
-/// minimum-size input keeps tiny images (padded to 256 x 256) always allowed.
-pub(super) fn check_padded_size(width: u32, height: u32, max_pixels: u64) -> Result<(), ApiError> {
-    let geometry = PadRule::PSMNET.geometry(width, height);
-    let pixels = geometry.padded_len() as u64;
-    let floor = u64::from(PadRule::PSMNET.min_size).pow(2);
-    let limit = max_pixels.max(floor);
-    if pixels > limit {
-        return Err(ApiError::PaddedTooLarge {
-            width,
-            height,
-            padded_width: geometry.padded_width,
-            padded_height: geometry.padded_height,
-            pixels,
-            limit,
-        });
+/// The outcome as an HTTP answer: the JSON document, or the file with its
+/// figures in headers, and the phase timings in `Server-Timing`.
+fn respond(outcome: Outcome, format: OutputFormat) -> Response {
+    let timings = outcome.timings;
+    let device = outcome.model.as_ref().map_or("", |m| m.device.as_str());
+    let mut headers = HeaderMap::new();
+    let answer = outcome.answers.into_iter().find(|(f, _)| *f == format).map(|(_, a)| a);
+    let answer = answer.expect("the pipeline answers the one format asked");
+    if matches!(answer.body, EncodedAnswer::File { .. }) {
+        super::headers::file_figures(&mut headers, &answer, device);
     }
-    Ok(())
-}
-
-/// What inference and encoding need, ready.
-struct Inputs {
-    pair: StereoPair,
-    truth: Option<DisparityMap>,
-    reconstruction: Option<Reconstruction>,
-}
-
-/// Decodes the pair (and the ground truth beside it), checks sizes, and
-/// rectifies when a calibration asks for it: CPU work, on the blocking pool.
-async fn prepare_inputs(
-    upload: UploadedPair,
-    calibration: Option<(Calibration, CalibrationFormat)>,
-    params: &OutputParams,
-    max_pixels: u64,
-    budget: &UploadBudget,
-) -> Result<Inputs, ApiError> {
-    let (gt_scale, max_depth) = (params.gt_scale, params.max_depth);
-    let budget = budget.clone();
-    tokio::task::spawn_blocking(move || {
-        let UploadedPair { left, right, ground_truth, .. } = upload;
-        // Headers first: sizes that disagree, or pixels over the limit, cost no decoding,
-        // and the decoded pixels are admitted to the memory budget before they exist.
-        let (width, height) = probe_pair(&left, &right, max_pixels)?;
-        let _decoding = budget.try_admit(decoded_pair_bytes(width, height)).ok_or_else(|| budget.full())?;
-        let (pair, truth) = std::thread::scope(|scope| {
-            let truth =
-                ground_truth.map(|bytes: Bytes| scope.spawn(move || decode_ground_truth(&bytes, gt_scale, max_pixels)));
-            let pair = decode_pair(&left, &right, max_pixels);
-            (pair, truth.map(|t| t.join().expect("ground-truth decoding does not panic")))
-        });
-        let (left, right) = pair?;
-        let (width, height) = left.dimensions();
-        check_padded_size(width, height, max_pixels)?;
-        let truth = truth.transpose()?;
-        if let Some(truth) = &truth {
-            if (truth.width(), truth.height()) != (width, height) {
-                return Err(ApiError::GroundTruthSizeMismatch {
-                    truth_width: truth.width(),
-                    truth_height: truth.height(),
-                    width,
-                    height,
-                });
-            }
+    let body = match answer.body {
+        EncodedAnswer::Document(bytes) => {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            bytes
         }
-        let (pair, reconstruction) = match calibration {
-            None => (StereoPair::new(left, right)?, None),
-            Some((calibration, format)) => {
-                calibration.check_size(width, height)?;
-                if truth.is_some() && !calibration.is_rectified() {
-                    return Err(ApiError::GroundTruthNeedsRectifiedPair);
-                }
-                let (left, right, rectification) = rectify_pair(&calibration, left, right)?;
-                let colours = left.clone();
-                (StereoPair::new(left, right)?, Some(Reconstruction { format, rectification, colours, max_depth }))
-            }
-        };
-        Ok(Inputs { pair, truth, reconstruction })
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("decode task: {e}")))?
-}
-
-/// Encodes the answer on the blocking pool (images, scores and, for JSON, the
-/// whole document), then wraps it in a response with its timing headers.
-async fn encode_response(
-    context: AnswerContext,
-    prediction: Prediction,
-    info: Option<std::sync::Arc<ModelInfo>>,
-    started: Instant,
-    decode: Duration,
-) -> Result<Response, ApiError> {
-    let Prediction { disparity: map, uncertainty: sigma, queue, inference, .. } = prediction;
-    let encode_started = Instant::now();
-    let (headers, body, timings) = tokio::task::spawn_blocking(move || {
-        let Answer {
-            body,
-            stats,
-            uncertainty,
-            evaluation,
-            sparsification,
-            evaluation_kept,
-            masked_pixels,
-            depth_units,
-        } = encode_answer(&context, &map, sigma.as_ref());
-        // Taken just before the last few hundred bytes are written.
-        let timings = Timings {
-            decode_ms: ms(decode),
-            queue_ms: ms(queue),
-            inference_ms: ms(inference),
-            encode_ms: ms(encode_started.elapsed()),
-            total_ms: ms(started.elapsed()),
-        };
-        let (device, model, precision) = match &info {
-            Some(i) => (i.device.as_str(), i.name.as_str(), i.precision.as_str()),
-            None => ("", "", ""),
-        };
-        match body {
-            EncodedAnswer::Json { partial, reconstruction } => {
-                let summary = JsonSummary {
-                    width: map.width(),
-                    height: map.height(),
-                    disparity: stats,
-                    device,
-                    model,
-                    precision,
-                    timings_ms: timings,
-                    uncertainty,
-                    evaluation,
-                    sparsification,
-                    evaluation_kept,
-                    reconstruction: reconstruction.as_deref(),
-                };
-                let mut headers = HeaderMap::new();
-                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                (headers, EncodedAnswer::finish_json(partial, &summary), timings)
-            }
-            EncodedAnswer::File { bytes, content_type, file_name } => {
-                let mut headers = HeaderMap::new();
-                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-                let disposition = format!("inline; filename=\"{file_name}\"");
-                headers.insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).expect("ascii"));
-                let numbers =
-                    [("x-disparity-min", stats.min), ("x-disparity-max", stats.max), ("x-disparity-mean", stats.mean)];
-                for (name, value) in numbers {
-                    headers.insert(
-                        HeaderName::from_static(name),
-                        HeaderValue::from_str(&value.to_string()).expect("number"),
-                    );
-                }
-                let device = HeaderValue::from_str(device).unwrap_or(HeaderValue::from_static("unknown"));
-                headers.insert(HeaderName::from_static("x-device"), device);
-                if let Some(count) = masked_pixels {
-                    headers.insert(HeaderName::from_static("x-masked-pixels"), HeaderValue::from(count));
-                }
-                if let Some(units) = depth_units {
-                    headers.insert(HeaderName::from_static("x-depth-units"), HeaderValue::from_static(units));
-                }
-                if let Some(m) = evaluation {
-                    for (name, value) in [("x-eval-epe", m.epe), ("x-eval-d1", m.d1)] {
-                        let value = HeaderValue::from_str(&format!("{value:.4}")).expect("number");
-                        headers.insert(HeaderName::from_static(name), value);
-                    }
-                }
-                (headers, bytes, timings)
-            }
+        EncodedAnswer::File { bytes, content_type, file_name } => {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            let disposition = format!("inline; filename=\"{file_name}\"");
+            headers.insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).expect("ascii"));
+            bytes
         }
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("encode task: {e}")))?;
-
+        EncodedAnswer::Json { .. } => unreachable!("the pipeline finishes JSON answers"),
+    };
     let mut response = (headers, body).into_response();
-    response.headers_mut().insert(
-        HeaderName::from_static("server-timing"),
-        HeaderValue::from_str(&timings.server_timing()).expect("ascii"),
-    );
+    response.headers_mut().insert(super::headers::SERVER_TIMING, super::headers::server_timing(&timings));
     response.extensions_mut().insert(timings);
-    Ok(response)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn padded_size_is_what_counts() {
-        assert!(check_padded_size(1, 1, 1000).is_ok(), "tiny images always fit");
-        assert!(check_padded_size(1024, 1024, 1 << 20).is_ok());
-        let Err(ApiError::PaddedTooLarge { padded_width, padded_height, .. }) = check_padded_size(5000, 1, 1 << 20)
-        else {
-            panic!("a 5000 x 1 image pads to 5008 x 256 = 1.28 M pixels")
-        };
-        assert_eq!((padded_width, padded_height), (5008, 256));
-    }
+    response
 }

@@ -1,17 +1,24 @@
 //! The API's error type: every failure a client can cause or meet, one status each.
 //!
-//! Errors answer `{"error": {"code": "...", "message": "..."}}`. `code` is a
-//! stable machine-readable word; `message` is plain language for a person.
-//! Internal details (libtorch messages, panics) are logged, never sent.
+//! Errors answer `{"error": {"code": "...", "message": "..."}}` (under `/v2`,
+//! the Open Inference Protocol's `{"error": "..."}`), written in one place,
+//! [`write_error_bodies`]. `code` is a stable machine-readable word; `message`
+//! is plain language for a person. Internal details (libtorch messages,
+//! panics) are logged, never sent.
 
+use axum::body::Body;
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+
+use super::request_id::RequestId;
 
 use crate::calibration::CalibrationError;
 use crate::decode::{DecodeError, PairError};
 use crate::engine::{EngineError, SizeMismatch};
 use crate::eval::GroundTruthError;
+use crate::pipeline::PipelineError;
 
 /// Client text echoed in an error message, cut to a readable length: a 10 MB
 /// field name must not become a 10 MB error.
@@ -65,11 +72,6 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("internal_error", 500, "an unexpected server error; the detail is in the server log"),
 ];
 
-/// An error answer's code, on the answer for the metrics (whatever the body's shape:
-/// our error object, or the Open Inference Protocol's).
-#[derive(Debug, Clone, Copy)]
-pub struct ErrorCodeTag(pub &'static str);
-
 /// The body of every error answer.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorAnswer {
@@ -116,20 +118,9 @@ pub enum ApiError {
     DuplicateField(FieldName),
     #[error("unexpected field '{0}': send the images as 'left' and 'right' (optional: 'ground_truth', 'calibration')")]
     UnexpectedField(String),
-    #[error("the '{field}' image: {source}")]
-    Image { field: FieldName, source: DecodeError },
+    /// What the pipeline refused or failed at (decoding, sizes, calibration, the engine).
     #[error("{0}")]
-    SizeMismatch(#[from] SizeMismatch),
-    #[error("the ground truth: {0}")]
-    InvalidGroundTruth(#[from] GroundTruthError),
-    #[error("the ground truth is {truth_width}x{truth_height} but the images are {width}x{height}")]
-    GroundTruthSizeMismatch { truth_width: u32, truth_height: u32, width: u32, height: u32 },
-    #[error("the calibration: {0}")]
-    Calibration(#[from] CalibrationError),
-    #[error("format={0} needs a 'calibration' (cameras and baseline) sent with the images")]
-    CalibrationRequired(&'static str),
-    #[error("ground truth cannot be scored here: the calibration says the pair is not rectified, and the ground truth is for the original left image")]
-    GroundTruthNeedsRectifiedPair,
+    Pipeline(#[from] PipelineError),
     #[error("the '{0}' field is not valid base64")]
     InvalidBase64(FieldName),
     #[error("the JSON body is invalid: {0}")]
@@ -140,16 +131,10 @@ pub enum ApiError {
     InvalidQuery(String),
     #[error("the request body did not arrive within {seconds} s")]
     UploadTimeout { seconds: u64 },
-    #[error("a {width}x{height} image is padded to {padded_width}x{padded_height} for the network (sides multiples of 16, at least 256), {pixels} pixels, over the limit of {limit}")]
-    PaddedTooLarge { width: u32, height: u32, padded_width: u32, padded_height: u32, pixels: u64, limit: u64 },
     #[error("the request body is over the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("unsupported content type '{0}': send multipart/form-data or application/json")]
     UnsupportedMediaType(String),
-    #[error("{0}")]
-    Engine(#[from] EngineError),
-    #[error("the server is receiving and decoding as many uploads as its memory budget allows ({budget_bytes} bytes); retry shortly")]
-    UploadBudgetFull { budget_bytes: u64 },
     #[error("transfer coding '{0}' is not supported: send the body as is or chunked")]
     UnsupportedTransferCoding(String),
     #[error("requests from the page at origin '{0}' are not allowed here (the server's --cors-allow-origin lists the allowed ones)")]
@@ -162,15 +147,17 @@ pub enum ApiError {
     Internal(String),
 }
 
-impl From<PairError> for ApiError {
-    fn from(e: PairError) -> ApiError {
-        match e {
-            PairError::Left(source) => ApiError::Image { field: "left", source },
-            PairError::Right(source) => ApiError::Image { field: "right", source },
-            PairError::SizeMismatch(m) => ApiError::SizeMismatch(m),
+/// The pipeline's parts' errors reach the API through the pipeline's.
+macro_rules! through_pipeline {
+    ($($from:ty),*) => {$(
+        impl From<$from> for ApiError {
+            fn from(e: $from) -> ApiError {
+                ApiError::Pipeline(e.into())
+            }
         }
-    }
+    )*};
 }
+through_pipeline!(PairError, SizeMismatch, GroundTruthError, CalibrationError, EngineError);
 
 impl ApiError {
     /// The one place that maps errors to HTTP statuses.
@@ -179,33 +166,14 @@ impl ApiError {
             ApiError::MissingField(_)
             | ApiError::DuplicateField(_)
             | ApiError::UnexpectedField(_)
-            | ApiError::SizeMismatch(_)
-            | ApiError::InvalidGroundTruth(_)
-            | ApiError::GroundTruthSizeMismatch { .. }
-            | ApiError::Calibration(_)
-            | ApiError::CalibrationRequired(_)
-            | ApiError::GroundTruthNeedsRectifiedPair
             | ApiError::InvalidBase64(_)
             | ApiError::InvalidJson(_)
             | ApiError::InvalidMultipart(_)
             | ApiError::InvalidQuery(_) => StatusCode::BAD_REQUEST,
-            ApiError::Image { source, .. } => match source {
-                DecodeError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                DecodeError::UnsupportedFormat(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                DecodeError::Empty | DecodeError::UnknownFormat | DecodeError::Corrupt(_) => StatusCode::BAD_REQUEST,
-            },
-            ApiError::BodyTooLarge { .. } | ApiError::PaddedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Pipeline(e) => pipeline_status(e),
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UploadTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Engine(e) => match e {
-                EngineError::NotReady
-                | EngineError::QueueFull { .. }
-                | EngineError::Stopped
-                | EngineError::Load(_)
-                | EngineError::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
-                EngineError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            },
-            ApiError::UploadBudgetFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::CrossOrigin(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -220,40 +188,14 @@ impl ApiError {
             ApiError::MissingField(_) => "missing_field",
             ApiError::DuplicateField(_) => "duplicate_field",
             ApiError::UnexpectedField(_) => "unexpected_field",
-            ApiError::Image { source, .. } => match source {
-                DecodeError::Empty => "empty_image",
-                DecodeError::UnknownFormat | DecodeError::Corrupt(_) => "invalid_image",
-                DecodeError::UnsupportedFormat(_) => "unsupported_image_format",
-                DecodeError::TooManyPixels { .. } => "too_many_pixels",
-            },
-            ApiError::SizeMismatch(_) => "size_mismatch",
-            ApiError::InvalidGroundTruth(_) => "invalid_ground_truth",
-            ApiError::GroundTruthSizeMismatch { .. } => "ground_truth_size_mismatch",
-            ApiError::Calibration(e) => match e {
-                CalibrationError::SizeMismatch { .. } => "calibration_size_mismatch",
-                CalibrationError::Unsupported(_) => "unsupported_calibration",
-                CalibrationError::UnknownFormat | CalibrationError::Syntax { .. } | CalibrationError::Invalid(_) => {
-                    "invalid_calibration"
-                }
-            },
-            ApiError::CalibrationRequired(_) => "calibration_required",
-            ApiError::GroundTruthNeedsRectifiedPair => "ground_truth_needs_rectified_pair",
+            ApiError::Pipeline(e) => pipeline_code(e),
             ApiError::InvalidBase64(_) => "invalid_base64",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidMultipart(_) => "invalid_multipart",
             ApiError::InvalidQuery(_) => "invalid_query",
             ApiError::BodyTooLarge { .. } => "body_too_large",
-            ApiError::PaddedTooLarge { .. } => "too_many_pixels",
             ApiError::UploadTimeout { .. } => "upload_timeout",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::Engine(e) => match e {
-                EngineError::NotReady => "model_loading",
-                EngineError::QueueFull { .. } => "queue_full",
-                EngineError::Stopped | EngineError::Load(_) => "engine_unavailable",
-                EngineError::OutOfMemory(_) => "out_of_memory",
-                EngineError::Inference(_) => "inference_failed",
-            },
-            ApiError::UploadBudgetFull { .. } => "upload_budget_full",
             ApiError::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
             ApiError::CrossOrigin(_) => "cross_origin_forbidden",
             ApiError::NotFound(_) => "not_found",
@@ -266,19 +208,21 @@ impl ApiError {
     /// their detail goes to the log.
     pub(super) fn public_message(&self) -> String {
         match self {
-            ApiError::Engine(EngineError::Inference(_)) => {
+            ApiError::Pipeline(PipelineError::Engine(EngineError::Inference(_))) => {
                 "inference failed on the server; the error was logged. Try again, or with a smaller image.".into()
             }
-            ApiError::Engine(EngineError::OutOfMemory(_)) => {
+            ApiError::Pipeline(PipelineError::Engine(EngineError::OutOfMemory(_))) => {
                 "the server ran out of memory for this image; try a smaller image or retry shortly".into()
             }
-            ApiError::Engine(EngineError::QueueFull { .. }) => {
+            ApiError::Pipeline(PipelineError::Engine(EngineError::QueueFull { .. })) => {
                 "the server is busy: too many requests are waiting; retry after the Retry-After delay".into()
             }
-            ApiError::Engine(EngineError::Load(_) | EngineError::Stopped) => {
+            ApiError::Pipeline(PipelineError::Engine(EngineError::Load(_) | EngineError::Stopped)) => {
                 "the model is unavailable on this server; the error was logged".into()
             }
-            ApiError::Internal(_) => "internal server error; the error was logged".into(),
+            ApiError::Internal(_) | ApiError::Pipeline(PipelineError::Internal(_)) => {
+                "internal server error; the error was logged".into()
+            }
             other => other.to_string(),
         }
     }
@@ -286,9 +230,11 @@ impl ApiError {
     /// Seconds a client should wait before retrying, for the 503s that pass.
     pub(super) fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::Engine(EngineError::QueueFull { retry_after_secs, .. }) => Some(*retry_after_secs),
-            ApiError::Engine(EngineError::NotReady | EngineError::OutOfMemory(_)) => Some(5),
-            ApiError::UploadBudgetFull { .. } => Some(1),
+            ApiError::Pipeline(PipelineError::Engine(EngineError::QueueFull { retry_after_secs, .. })) => {
+                Some(*retry_after_secs)
+            }
+            ApiError::Pipeline(PipelineError::Engine(EngineError::NotReady | EngineError::OutOfMemory(_))) => Some(5),
+            ApiError::Pipeline(PipelineError::BudgetFull { .. }) => Some(1),
             _ => None,
         }
     }
@@ -300,7 +246,10 @@ impl ApiError {
     pub(super) fn log(&self) {
         if matches!(
             self,
-            ApiError::Engine(EngineError::QueueFull { .. } | EngineError::NotReady) | ApiError::UploadBudgetFull { .. }
+            ApiError::Pipeline(
+                PipelineError::Engine(EngineError::QueueFull { .. } | EngineError::NotReady)
+                    | PipelineError::BudgetFull { .. }
+            )
         ) {
             // Back-pressure is normal operation, not a failure: the request log line shows the 503.
             tracing::debug!(code = self.code(), "request refused: busy");
@@ -312,21 +261,177 @@ impl ApiError {
     }
 }
 
+/// The HTTP status of each pipeline error.
+fn pipeline_status(e: &PipelineError) -> StatusCode {
+    match e {
+        PipelineError::SizeMismatch(_)
+        | PipelineError::InvalidGroundTruth(_)
+        | PipelineError::GroundTruthSizeMismatch { .. }
+        | PipelineError::Calibration(_)
+        | PipelineError::CalibrationRequired(_)
+        | PipelineError::GroundTruthNeedsRectifiedPair => StatusCode::BAD_REQUEST,
+        PipelineError::Image { source, .. } => match source {
+            DecodeError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            DecodeError::UnsupportedFormat(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            DecodeError::Empty | DecodeError::UnknownFormat | DecodeError::Corrupt(_) => StatusCode::BAD_REQUEST,
+        },
+        PipelineError::PaddedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        PipelineError::BudgetFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        PipelineError::Engine(e) => match e {
+            EngineError::NotReady
+            | EngineError::QueueFull { .. }
+            | EngineError::Stopped
+            | EngineError::Load(_)
+            | EngineError::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+        PipelineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The stable code of each pipeline error.
+fn pipeline_code(e: &PipelineError) -> &'static str {
+    match e {
+        PipelineError::Image { source, .. } => match source {
+            DecodeError::Empty => "empty_image",
+            DecodeError::UnknownFormat | DecodeError::Corrupt(_) => "invalid_image",
+            DecodeError::UnsupportedFormat(_) => "unsupported_image_format",
+            DecodeError::TooManyPixels { .. } => "too_many_pixels",
+        },
+        PipelineError::SizeMismatch(_) => "size_mismatch",
+        PipelineError::InvalidGroundTruth(_) => "invalid_ground_truth",
+        PipelineError::GroundTruthSizeMismatch { .. } => "ground_truth_size_mismatch",
+        PipelineError::Calibration(e) => match e {
+            CalibrationError::SizeMismatch { .. } => "calibration_size_mismatch",
+            CalibrationError::Unsupported(_) => "unsupported_calibration",
+            CalibrationError::UnknownFormat | CalibrationError::Syntax { .. } | CalibrationError::Invalid(_) => {
+                "invalid_calibration"
+            }
+        },
+        PipelineError::CalibrationRequired(_) => "calibration_required",
+        PipelineError::GroundTruthNeedsRectifiedPair => "ground_truth_needs_rectified_pair",
+        PipelineError::PaddedTooLarge { .. } => "too_many_pixels",
+        PipelineError::BudgetFull { .. } => "upload_budget_full",
+        PipelineError::Engine(e) => match e {
+            EngineError::NotReady => "model_loading",
+            EngineError::QueueFull { .. } => "queue_full",
+            EngineError::Stopped | EngineError::Load(_) => "engine_unavailable",
+            EngineError::OutOfMemory(_) => "out_of_memory",
+            EngineError::Inference(_) => "inference_failed",
+        },
+        PipelineError::Internal(_) => "internal_error",
+    }
+}
+
 impl IntoResponse for ApiError {
+    /// The status, headers and [`ErrorBody`]; [`write_error_bodies`] writes the body.
     fn into_response(self) -> Response {
-        let status = self.status();
         self.log();
-        let (code, message) = (self.code(), self.public_message());
-        let body = ErrorAnswer { error: ErrorObject { code: code.into(), message: message.clone(), request_id: None } };
-        let mut response = (status, Json(body)).into_response();
-        // The request-ID middleware rewrites the body with the ID added.
-        response.extensions_mut().insert(super::request_id::ErrorBody { code: code.into(), message });
-        response.extensions_mut().insert(ErrorCodeTag(code));
-        if let Some(seconds) = self.retry_after() {
+        let retry_after = self.retry_after();
+        let mut response =
+            ErrorBody { code: self.code().into(), message: self.public_message() }.into_response_with(self.status());
+        if let Some(seconds) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
+}
+
+/// An error answer's code and message, kept on the answer until
+/// [`write_error_bodies`] writes them in the protocol's shape (and the metrics
+/// count the code).
+#[derive(Debug, Clone)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An answer of `status` carrying this error (its body written later).
+    pub fn into_response_with(self, status: StatusCode) -> Response {
+        let mut response = status.into_response();
+        response.extensions_mut().insert(self);
+        response
+    }
+
+    /// For an error answer made below our handlers (the file services' 404 or
+    /// 416, an extractor's rejection): a code from the status's reason.
+    fn from_status(status: StatusCode, path: &str) -> ErrorBody {
+        let reason = status.canonical_reason().unwrap_or("error");
+        let code = reason.to_ascii_lowercase().replace([' ', '-'], "_");
+        let message = match status {
+            StatusCode::NOT_FOUND => format!("no such file or endpoint: {path}"),
+            _ => format!("{reason}: {path}"),
+        };
+        ErrorBody { code, message }
+    }
+}
+
+/// The two shapes of error bodies: ours, and the Open Inference Protocol's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorShape {
+    /// `{"error": {"code", "message", "request_id"}}`
+    Api,
+    /// `{"error": "message"}` (everything under `/v2`)
+    OpenInference,
+}
+
+impl ErrorShape {
+    fn of(path: &str) -> ErrorShape {
+        if path == "/v2" || path.starts_with("/v2/") {
+            ErrorShape::OpenInference
+        } else {
+            ErrorShape::Api
+        }
+    }
+
+    fn body(self, error: &ErrorBody, request_id: Option<&str>) -> Vec<u8> {
+        let document = match self {
+            ErrorShape::Api => serde_json::to_value(ErrorAnswer {
+                error: ErrorObject {
+                    code: error.code.clone(),
+                    message: error.message.clone(),
+                    request_id: request_id.map(str::to_owned),
+                },
+            })
+            .expect("an error object serialises"),
+            ErrorShape::OpenInference => serde_json::json!({ "error": error.message }),
+        };
+        serde_json::to_vec(&document).expect("JSON serialises")
+    }
+}
+
+fn is_json(response: &Response) -> bool {
+    response.headers().get(header::CONTENT_TYPE).is_some_and(|t| t.as_bytes().starts_with(b"application/json"))
+}
+
+/// Middleware: the one place error bodies are written. Every 4xx and 5xx
+/// answer made from an [`ErrorBody`] gets a JSON body in the shape of its
+/// route's protocol, with the request ID in ours; errors from below our
+/// handlers (file services, extractors) get a code from their status. A
+/// handler's own JSON document (health's) is left as it is.
+pub async fn write_error_bodies(request: Request, next: Next) -> Response {
+    let shape = ErrorShape::of(request.uri().path());
+    let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let path = echo(request.uri().path());
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let error = match response.extensions().get::<ErrorBody>() {
+        Some(error) => error.clone(),
+        // A handler's own JSON document for a status (health's 503 says what is loading).
+        None if is_json(&response) => return response,
+        None => ErrorBody::from_status(status, &path),
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_RANGE);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let body = shape.body(&error, request_id.as_deref());
+    parts.extensions.insert(error);
+    Response::from_parts(parts, Body::from(body))
 }
 
 #[cfg(test)]
@@ -335,14 +440,14 @@ mod tests {
 
     #[test]
     fn internal_details_are_not_leaked() {
-        let e = ApiError::Engine(EngineError::Inference("CUDA kernel crashed at 0xdeadbeef".into()));
+        let e = ApiError::from(EngineError::Inference("CUDA kernel crashed at 0xdeadbeef".into()));
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!e.public_message().contains("0xdeadbeef"));
     }
 
     #[test]
     fn decode_errors_map_to_distinct_statuses() {
-        let image = |source| ApiError::Image { field: "left", source };
+        let image = |source| ApiError::Pipeline(PipelineError::Image { field: "left", source });
         assert_eq!(image(DecodeError::Empty).status(), StatusCode::BAD_REQUEST);
         assert_eq!(image(DecodeError::UnsupportedFormat("GIF".into())).status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
         let big = DecodeError::TooManyPixels { width: 9, height: 9, pixels: 81, limit: 80 };
@@ -351,7 +456,7 @@ mod tests {
 
     /// One value of every variant (and sub-variant with its own code).
     fn every_error() -> Vec<ApiError> {
-        let image = |source| ApiError::Image { field: "left", source };
+        let image = |source| ApiError::Pipeline(PipelineError::Image { field: "left", source });
         let mismatch = SizeMismatch { left_width: 1, left_height: 1, right_width: 2, right_height: 2 };
         vec![
             ApiError::MissingField("left"),
@@ -362,36 +467,44 @@ mod tests {
             image(DecodeError::Corrupt("x".into())),
             image(DecodeError::UnsupportedFormat("GIF".into())),
             image(DecodeError::TooManyPixels { width: 9, height: 9, pixels: 81, limit: 80 }),
-            ApiError::SizeMismatch(mismatch),
-            ApiError::InvalidGroundTruth(GroundTruthError::UnknownFormat),
-            ApiError::GroundTruthSizeMismatch { truth_width: 1, truth_height: 1, width: 2, height: 2 },
-            ApiError::Calibration(CalibrationError::UnknownFormat),
-            ApiError::Calibration(CalibrationError::Syntax { format: "JSON", message: "x".into() }),
-            ApiError::Calibration(CalibrationError::Invalid("x".into())),
-            ApiError::Calibration(CalibrationError::SizeMismatch {
-                calib_width: 1,
-                calib_height: 1,
+            ApiError::from(mismatch),
+            ApiError::from(GroundTruthError::UnknownFormat),
+            ApiError::Pipeline(PipelineError::GroundTruthSizeMismatch {
+                truth_width: 1,
+                truth_height: 1,
                 width: 2,
                 height: 2,
             }),
-            ApiError::Calibration(CalibrationError::Unsupported("x".into())),
-            ApiError::CalibrationRequired("ply"),
-            ApiError::GroundTruthNeedsRectifiedPair,
+            ApiError::from(CalibrationError::UnknownFormat),
+            ApiError::from(CalibrationError::Syntax { format: "JSON", message: "x".into() }),
+            ApiError::from(CalibrationError::Invalid("x".into())),
+            ApiError::from(CalibrationError::SizeMismatch { calib_width: 1, calib_height: 1, width: 2, height: 2 }),
+            ApiError::from(CalibrationError::Unsupported("x".into())),
+            ApiError::Pipeline(PipelineError::CalibrationRequired("ply")),
+            ApiError::Pipeline(PipelineError::GroundTruthNeedsRectifiedPair),
             ApiError::InvalidBase64("left"),
             ApiError::InvalidJson("x".into()),
             ApiError::InvalidMultipart("x".into()),
             ApiError::InvalidQuery("x".into()),
             ApiError::UploadTimeout { seconds: 1 },
-            ApiError::PaddedTooLarge { width: 1, height: 1, padded_width: 1, padded_height: 1, pixels: 1, limit: 0 },
+            ApiError::Pipeline(PipelineError::PaddedTooLarge {
+                width: 1,
+                height: 1,
+                padded_width: 1,
+                padded_height: 1,
+                pixels: 1,
+                limit: 0,
+            }),
             ApiError::BodyTooLarge { limit: 1 },
             ApiError::UnsupportedMediaType("x".into()),
-            ApiError::Engine(EngineError::NotReady),
-            ApiError::Engine(EngineError::QueueFull { depth: 1, retry_after_secs: 1 }),
-            ApiError::Engine(EngineError::Stopped),
-            ApiError::Engine(EngineError::Load("x".into())),
-            ApiError::Engine(EngineError::OutOfMemory("x".into())),
-            ApiError::Engine(EngineError::Inference("x".into())),
-            ApiError::UploadBudgetFull { budget_bytes: 1 },
+            ApiError::from(EngineError::NotReady),
+            ApiError::from(EngineError::QueueFull { depth: 1, retry_after_secs: 1 }),
+            ApiError::from(EngineError::Stopped),
+            ApiError::from(EngineError::Load("x".into())),
+            ApiError::from(EngineError::OutOfMemory("x".into())),
+            ApiError::from(EngineError::Inference("x".into())),
+            ApiError::Pipeline(PipelineError::BudgetFull { budget_bytes: 1 }),
+            ApiError::Pipeline(PipelineError::Internal("x".into())),
             ApiError::UnsupportedTransferCoding("gzip".into()),
             ApiError::CrossOrigin("x".into()),
             ApiError::NotFound("x".into()),
@@ -410,8 +523,24 @@ mod tests {
     }
 
     #[test]
+    fn each_protocol_has_its_error_shape() {
+        let error = ErrorBody { code: "not_found".into(), message: "no such model".into() };
+        let ours: serde_json::Value =
+            serde_json::from_slice(&ErrorShape::of("/api/v1/x").body(&error, Some("id-1"))).unwrap();
+        assert_eq!(
+            ours,
+            serde_json::json!({ "error": { "code": "not_found", "message": "no such model", "request_id": "id-1" } })
+        );
+        let v2: serde_json::Value =
+            serde_json::from_slice(&ErrorShape::of("/v2/models/x").body(&error, Some("id-1"))).unwrap();
+        assert_eq!(v2, serde_json::json!({ "error": "no such model" }));
+        assert_eq!(ErrorShape::of("/v2"), ErrorShape::OpenInference);
+        assert_eq!(ErrorShape::of("/v2x"), ErrorShape::Api);
+    }
+
+    #[test]
     fn queue_full_says_when_to_retry() {
-        let response = ApiError::Engine(EngineError::QueueFull { depth: 2, retry_after_secs: 7 }).into_response();
+        let response = ApiError::from(EngineError::QueueFull { depth: 2, retry_after_secs: 7 }).into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "7");
     }

@@ -1,57 +1,14 @@
-//! Request-level guards around every route: memory admission for uploads,
+//! Request-level guards around every route: the declared size of uploads,
 //! transfer codings we do not decode, the browser origin policy (CORS), the
-//! page's security headers, and JSON bodies for the errors that come from
-//! layers below our handlers (the file services).
+//! and the page's security headers.
 
-use std::sync::Arc;
-
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::{echo, ApiError};
 use super::AppState;
-
-/// A global budget of memory for uploads being received and decoded, so a
-/// flood of large or slow uploads cannot grow the process without bound (the
-/// inference queue only bounds what waits for the model). Counted in KiB.
-#[derive(Clone)]
-pub struct UploadBudget {
-    semaphore: Arc<Semaphore>,
-    total_kib: u32,
-}
-
-impl UploadBudget {
-    pub fn new(bytes: u64) -> UploadBudget {
-        let total_kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).max(1);
-        UploadBudget { semaphore: Arc::new(Semaphore::new(total_kib as usize)), total_kib }
-    }
-
-    /// A share of `bytes` of the budget, or `None` when it is not free now. A
-    /// request larger than the whole budget takes all of it (it can then run
-    /// alone rather than never).
-    pub fn try_admit(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, self.total_kib);
-        self.semaphore.clone().try_acquire_many_owned(kib).ok()
-    }
-
-    /// Bytes admitted now.
-    pub fn in_use_bytes(&self) -> u64 {
-        u64::from(self.total_kib - self.semaphore.available_permits() as u32) * 1024
-    }
-
-    pub fn total_bytes(&self) -> u64 {
-        u64::from(self.total_kib) * 1024
-    }
-
-    pub(crate) fn full(&self) -> ApiError {
-        ApiError::UploadBudgetFull { budget_bytes: self.total_bytes() }
-    }
-}
 
 /// Bytes an upload is charged while it is received: its declared length, or
 /// the body limit when it is sent chunked (length unknown in advance).
@@ -61,13 +18,6 @@ pub fn declared_upload_bytes(headers: &HeaderMap, limit: usize) -> u64 {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .map_or(limit as u64, |n| n.min(limit as u64))
-}
-
-/// Bytes charged for decoding a pair of `width x height` images: the decoder's
-/// buffer (at most 16-bit RGBA, 8 bytes a pixel) and the float RGB copy (12
-/// bytes a pixel), for both images.
-pub fn decoded_pair_bytes(width: u32, height: u32) -> u64 {
-    2 * u64::from(width) * u64::from(height) * (8 + 12)
 }
 
 /// Middleware: a body in a transfer coding other than chunked (`gzip, chunked`)
@@ -142,13 +92,7 @@ pub async fn origin_policy(State(state): State<AppState>, request: Request, next
         if let Ok(value) = HeaderValue::from_str(&origin) {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
         }
-        h.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static(
-                "server-timing, retry-after, x-disparity-min, x-disparity-max, x-disparity-mean, x-device, \
-                 x-depth-units, x-eval-epe, x-eval-d1, x-masked-pixels",
-            ),
-        );
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, super::headers::expose_list());
         h.append(header::VARY, HeaderValue::from_static("origin"));
     }
     response
@@ -177,46 +121,9 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// Middleware: error answers made below our handlers (the file services'
-/// 404, 405, 416...) come with an empty body; give them our JSON error object.
-pub async fn json_error_bodies(request: Request, next: Next) -> Response {
-    let path = echo(request.uri().path());
-    let response = next.run(request).await;
-    let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) || response.headers().contains_key(header::CONTENT_TYPE)
-    {
-        return response;
-    }
-    let reason = status.canonical_reason().unwrap_or("error");
-    let code = reason.to_ascii_lowercase().replace([' ', '-'], "_");
-    let message = match status {
-        StatusCode::NOT_FOUND => format!("no such file or endpoint: {path}"),
-        _ => format!("{reason}: {path}"),
-    };
-    let (mut parts, _) = response.into_parts();
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let body = json!({ "error": { "code": code, "message": message } }).to_string();
-    parts.extensions.insert(super::request_id::ErrorBody { code, message });
-    Response::from_parts(parts, Body::from(body))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_budget_admits_up_to_its_total_and_frees_on_drop() {
-        let budget = UploadBudget::new(10 * 1024);
-        let a = budget.try_admit(6 * 1024).expect("fits");
-        assert!(budget.try_admit(6 * 1024).is_none(), "over the budget");
-        assert_eq!(budget.in_use_bytes(), 6 * 1024);
-        drop(a);
-        let all = budget.try_admit(100 * 1024).expect("a larger request takes the whole budget");
-        assert_eq!(budget.in_use_bytes(), 10 * 1024);
-        drop(all);
-        assert_eq!(budget.in_use_bytes(), 0);
-    }
 
     #[test]
     fn same_origin_compares_the_authority_with_host() {

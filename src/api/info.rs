@@ -11,6 +11,7 @@ use super::error::{ErrorAnswer, ErrorObject};
 use super::AppState;
 use crate::decode::SUPPORTED_FORMATS;
 use crate::engine::{EngineError, EngineStatus, ModelInfo};
+use crate::pipeline::OutputFormat;
 use crate::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// `GET /api/v1/health`'s answer: ready (with the load), or why not.
@@ -166,14 +167,16 @@ pub async fn model(State(state): State<AppState>) -> Result<Response, super::Api
     });
     let output = json!({
         "disparity": "pixels of the left image; the point at (x, y) appears at (x - d, y) on the right",
-        "formats": ["json", "png16", "color", "pfm"],
+        "formats": OutputFormat::labels(false),
         "png16": "KITTI convention: uint16 = round(d * 256), 0 = no value",
+        "uncertainty": "float32 PFM of the disparity's per-pixel standard deviation, px",
         "with_calibration": {
-            "formats": ["depth", "depth16", "ply"],
+            "formats": OutputFormat::labels(true),
             "calibration_formats": ["json", "opencv_yaml", "kitti", "middlebury"],
             "depth": "float32 PFM in the calibration's units, +inf = none",
             "depth16": "16-bit PNG in millimetres, 0 = none",
             "ply": "binary little-endian PLY, x y z float + red green blue uchar, left camera frame",
+            "depth_uncertainty": "float32 PFM of the depth's standard deviation, Z^2 / (f B) * sigma, calibration units",
         },
     });
     Ok(Json(ModelAnswer { info: (*info).clone(), input, output }).into_response())

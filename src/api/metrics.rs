@@ -25,10 +25,9 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::answer::Timings;
-use super::error::ErrorCodeTag;
-use super::request_id::ErrorBody;
+use super::error::ErrorBody;
 use super::AppState;
+use crate::pipeline::{OutputFormat, Timings};
 
 /// Prometheus' content type for the text format we write.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -37,11 +36,6 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
-
-/// The answer formats of `/api/v1/disparity`, the only values the `format`
-/// label takes there (anything else is `invalid`), so clients cannot grow the
-/// number of series.
-const FORMATS: &[&str] = &["json", "png16", "color", "pfm", "depth", "depth16", "ply"];
 
 /// Every series the server exports.
 pub struct Metrics {
@@ -275,17 +269,26 @@ pub async fn mark_route(request: Request, next: Next) -> Response {
     response
 }
 
+/// The file trees, each one route whatever the file.
+const FILE_TREES: [&str; 3] = ["/static", "/data", "/docs"];
+
 /// File trees are one route each, whatever the file.
 fn route_label(matched: &str) -> String {
-    for tree in ["/static", "/data", "/docs"] {
-        if matched.starts_with(tree) {
-            return tree.to_owned();
-        }
-    }
-    matched.to_owned()
+    file_tree(matched).map_or_else(|| matched.to_owned(), str::to_owned)
 }
 
-/// The `format` label: the disparity route's answer format, bounded to the known ones.
+/// The file tree a path lies in, if any (`/static/app.js` -> `/static`). The
+/// nested file services have no matched route of their own, so their
+/// answers are labelled from the path.
+fn file_tree(path: &str) -> Option<&'static str> {
+    FILE_TREES
+        .into_iter()
+        .find(|tree| path.strip_prefix(tree).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')))
+}
+
+/// The `format` label: the disparity route's answer format, bounded to the
+/// known ones ([`OutputFormat::ALL`]; anything else is `invalid`), so clients
+/// cannot grow the number of series.
 fn format_label(route: &str, query: Option<&str>) -> &'static str {
     if route != "/api/v1/disparity" {
         return "none";
@@ -293,7 +296,7 @@ fn format_label(route: &str, query: Option<&str>) -> &'static str {
     let asked = query.unwrap_or("").split('&').find_map(|pair| pair.strip_prefix("format="));
     match asked {
         None => "json",
-        Some(value) => FORMATS.iter().copied().find(|f| *f == value).unwrap_or("invalid"),
+        Some(value) => OutputFormat::from_label(value).map_or("invalid", OutputFormat::label),
     }
 }
 
@@ -301,19 +304,16 @@ fn format_label(route: &str, query: Option<&str>) -> &'static str {
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
     let query = request.uri().query().map(str::to_owned);
+    let tree = file_tree(request.uri().path());
     let response = next.run(request).await;
-    let route = response.extensions().get::<RouteLabel>().map(|r| r.0.as_str()).unwrap_or("unmatched");
+    let route = response.extensions().get::<RouteLabel>().map(|r| r.0.as_str()).or(tree).unwrap_or("unmatched");
     state.metrics.observe(&AnswerSummary {
         route,
         format: format_label(route, query.as_deref()),
         status: response.status().as_u16(),
         elapsed: started.elapsed(),
         timings: response.extensions().get::<Timings>(),
-        error_code: response
-            .extensions()
-            .get::<ErrorCodeTag>()
-            .map(|t| t.0)
-            .or_else(|| response.extensions().get::<ErrorBody>().map(|e| e.code.as_str())),
+        error_code: response.extensions().get::<ErrorBody>().map(|e| e.code.as_str()),
     });
     response
 }
@@ -341,12 +341,19 @@ mod tests {
         assert_eq!(format_label("/api/v1/disparity", Some("gt_scale=2&format=ply")), "ply");
         assert_eq!(format_label("/api/v1/disparity", Some("format=%00evil")), "invalid");
         assert_eq!(format_label("/api/v1/health", Some("format=pfm")), "none");
+        for format in OutputFormat::ALL {
+            let query = format!("format={}", format.label());
+            assert_eq!(format_label("/api/v1/disparity", Some(&query)), format.label());
+        }
     }
 
     #[test]
     fn file_trees_are_one_route() {
         assert_eq!(route_label("/static/{*__private__axum_nest_tail_param}"), "/static");
         assert_eq!(route_label("/api/v1/health"), "/api/v1/health");
+        assert_eq!(file_tree("/data/synthetic/left.png"), Some("/data"));
+        assert_eq!(file_tree("/static"), Some("/static"));
+        assert_eq!(file_tree("/database"), None);
     }
 
     #[test]

@@ -15,10 +15,10 @@
 //! The page lives here too ([`page`]): it is one more route over the same
 //! state, so the dependency runs one way, from this module to the engine.
 
-pub mod answer;
 pub mod disparity;
 pub mod error;
 pub mod guard;
+pub mod headers;
 mod info;
 pub mod metrics;
 pub mod openapi;
@@ -42,6 +42,7 @@ use tower_http::services::ServeDir;
 use tracing::Instrument;
 
 use crate::engine::{Engine, EngineStatus, ModelInfo};
+use crate::pipeline::{Pipeline, Timings, UploadBudget};
 use crate::server::{ConnectionLimits, ConnectionStats};
 pub use error::ApiError;
 
@@ -66,7 +67,7 @@ pub struct AppState {
     /// Folder served at `/data` (sample pairs).
     pub data_dir: PathBuf,
     /// Memory budget for uploads being received and decoded.
-    pub uploads: guard::UploadBudget,
+    pub uploads: UploadBudget,
     /// Browser origins allowed besides the page's own.
     pub origins: guard::OriginPolicy,
     /// Connection-level limits, for [`crate::serve`].
@@ -84,7 +85,12 @@ impl AppState {
     pub fn admit_upload(&self, headers: &axum::http::HeaderMap) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         self.engine.check_capacity()?;
         let declared = guard::declared_upload_bytes(headers, self.limits.max_upload_bytes);
-        self.uploads.try_admit(declared).ok_or_else(|| self.uploads.full())
+        Ok(self.uploads.admit(declared)?)
+    }
+
+    /// The steps from a pair to an answer, over this state's engine, budget and pixel limit.
+    pub fn pipeline(&self) -> Pipeline {
+        Pipeline { engine: self.engine.clone(), budget: self.uploads.clone(), max_pixels: self.limits.max_pixels }
     }
 
     /// The loaded model's description, once the engine is ready.
@@ -135,12 +141,12 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn(metrics::mark_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(guard::json_error_bodies))
         .layer(middleware::from_fn_with_state(state.clone(), guard::origin_policy))
         .layer(middleware::from_fn(guard::refuse_transfer_codings))
         .layer(middleware::from_fn(crate::server::close_after_unread_body))
         .layer(middleware::from_fn(guard::security_headers))
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn(error::write_error_bodies))
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(middleware::from_fn(request_id::assign))
         .with_state(state)
@@ -162,15 +168,15 @@ async fn log_request(mut request: Request, next: Next) -> Response {
     let id = request.extensions().get::<request_id::RequestId>().map(|r| r.0.clone()).unwrap_or_default();
     let span = tracing::info_span!(
         "request",
-        request_id = %id,
+        request_id = %request_id::log_safe(&id),
         method = %request.method(),
-        path = %request.uri().path(),
+        path = %request_id::log_safe(request.uri().path()),
         size = tracing::field::Empty,
     );
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     let total_ms = started.elapsed().as_secs_f64() * 1000.0;
-    match response.extensions().get::<answer::Timings>() {
+    match response.extensions().get::<Timings>() {
         Some(t) => tracing::info!(
             parent: &span,
             status,

@@ -50,7 +50,7 @@ pub struct BinaryFile(Vec<u8>);
         versioned_config,
         versioned_infer,
     ),
-    components(schemas(ErrorAnswer, super::error::ErrorCode, super::answer::OutputFormat)),
+    components(schemas(ErrorAnswer, super::error::ErrorCode, crate::pipeline::OutputFormat)),
     tags(
         (name = "disparity", description = "A stereo pair in, a disparity map (or depth, or points) out."),
         (name = "service", description = "Health, model, samples, metrics and this document."),

@@ -27,20 +27,24 @@
 //! queue (503 + Retry-After when full), the upload memory budget, the body and
 //! pixel limits and the upload timeout.
 
+use std::time::Instant;
+
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use bytes::Bytes;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::error::{ApiError, ErrorCodeTag};
-use super::guard::decoded_pair_bytes;
+use super::error::{ApiError, ErrorBody};
 use super::upload::read_bytes;
-use super::AppState;
+use super::{AppState, RequestStart};
 use crate::disparity::DisparityMap;
-use crate::engine::{EngineStatus, StereoPair};
+use crate::engine::EngineStatus;
+use crate::pipeline::{self, pool, Options, PairInput, PipelineError};
 
 /// The model's name on this protocol (also `ModelInfo::name`).
 pub const MODEL_NAME: &str = "psmnet-kitti2015";
@@ -95,12 +99,13 @@ impl From<ApiError> for ProtocolError {
 }
 
 impl IntoResponse for ProtocolError {
+    /// The status, headers and [`ErrorBody`]; the body (`{"error": "..."}` under
+    /// `/v2`) is written by [`super::error::write_error_bodies`].
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        let mut response = ErrorBody { code: self.code.into(), message: self.message }.into_response_with(self.status);
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, seconds);
         }
-        response.extensions_mut().insert(ErrorCodeTag(self.code));
         response
     }
 }
@@ -116,17 +121,20 @@ pub async fn live() -> StatusCode {
     get,
     path = "/v2/health/ready",
     tag = "open inference protocol",
-    responses((status = 200, description = "Ready (empty body)."), (status = 400, description = "Not ready (empty body): loading, or the model failed to load."))
+    responses((status = 200, description = "Ready (empty body)."), (status = 400, description = "Not ready: loading, or the model failed to load.", body = V2Error))
 )]
-pub async fn ready(State(state): State<AppState>) -> StatusCode {
+pub async fn ready(State(state): State<AppState>) -> Response {
     readiness(&state)
 }
 
-fn readiness(state: &AppState) -> StatusCode {
-    match state.engine.status() {
-        EngineStatus::Ready(_) => StatusCode::OK,
-        _ => StatusCode::BAD_REQUEST,
-    }
+/// 200, or the protocol's "4xx = false" with why in the error body.
+fn readiness(state: &AppState) -> Response {
+    let (code, message) = match state.engine.status() {
+        EngineStatus::Ready(_) => return StatusCode::OK.into_response(),
+        EngineStatus::Loading => ("model_loading", "the model is still loading".to_owned()),
+        EngineStatus::Failed(_) => ("engine_unavailable", "the model failed to load; the error was logged".to_owned()),
+    };
+    ErrorBody { code: code.into(), message }.into_response_with(StatusCode::BAD_REQUEST)
 }
 
 /// The protocol's error object.
@@ -271,14 +279,14 @@ pub async fn model_config(
     params(("name" = String, Path, description = "the model's name", example = "psmnet-kitti2015")),
     responses(
         (status = 200, description = "Ready (empty body)."),
-        (status = 400, description = "Not ready (empty body)."),
+        (status = 400, description = "Not ready.", body = V2Error),
         (status = 404, description = "No such model.", body = V2Error),
     )
 )]
 pub async fn model_ready(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
-) -> Result<StatusCode, ProtocolError> {
+) -> Result<Response, ProtocolError> {
     check_model(&path.name, path.version.as_deref())?;
     Ok(readiness(&state))
 }
@@ -386,9 +394,18 @@ fn split_body(headers: &HeaderMap, body: &Bytes) -> Result<(Bytes, Bytes), Proto
     Ok((body.slice(..length), body.slice(length..)))
 }
 
-/// Checks one input and returns its pixels (`[H, W, 3]` UINT8) and size.
-fn input_image(tensor: &InputTensor, binary: &mut Bytes) -> Result<(u32, u32, Vec<u8>), ProtocolError> {
-    let name = &tensor.name;
+/// An input's pixels and size, checked against its shape and the pixel limit
+/// (checked arithmetic: a shape's product may not wrap around).
+struct InputImage {
+    width: u32,
+    height: u32,
+    pixels: Bytes,
+}
+
+/// Checks one input and takes its pixels (`[H, W, 3]` UINT8): from its JSON
+/// data (moved, not copied) or a slice of the binary data (shared, not copied).
+fn input_image(tensor: InputTensor, binary: &mut Bytes, max_pixels: u64) -> Result<InputImage, ProtocolError> {
+    let name = tensor.name;
     if tensor.datatype != "UINT8" {
         return Err(ProtocolError::bad_request(format!(
             "input '{name}' must be UINT8, not {}",
@@ -396,7 +413,15 @@ fn input_image(tensor: &InputTensor, binary: &mut Bytes) -> Result<(u32, u32, Ve
         )));
     }
     let (height, width) = match tensor.shape[..] {
-        [h, w, 3] if h > 0 && w > 0 && h <= i64::from(u32::MAX) && w <= i64::from(u32::MAX) => (h as u32, w as u32),
+        [h, w, 3] => match (u32::try_from(h), u32::try_from(w)) {
+            (Ok(h), Ok(w)) if h > 0 && w > 0 => (h, w),
+            _ => {
+                return Err(ProtocolError::bad_request(format!(
+                    "input '{name}' has no valid shape [H, W, 3]: {:?}",
+                    tensor.shape
+                )))
+            }
+        },
         _ => {
             return Err(ProtocolError::bad_request(format!(
                 "input '{name}' must have shape [H, W, 3], not {:?}",
@@ -404,19 +429,26 @@ fn input_image(tensor: &InputTensor, binary: &mut Bytes) -> Result<(u32, u32, Ve
             )))
         }
     };
-    let expected = height as u64 * width as u64 * 3;
-    let bytes = match (&tensor.data, tensor.parameters.get("binary_data_size")) {
+    let pixels = u64::from(height) * u64::from(width);
+    if pixels > max_pixels {
+        let field = if name == "left" { "left" } else { "right" };
+        let source = crate::decode::DecodeError::TooManyPixels { width, height, pixels, limit: max_pixels };
+        return Err(ApiError::Pipeline(PipelineError::Image { field, source }).into());
+    }
+    // Below the pixel limit (a u64 of at most 2^64 / 2^32), three values a pixel cannot overflow.
+    let expected = pixels * 3;
+    let bytes = match (tensor.data, tensor.parameters.get("binary_data_size")) {
         (Some(_), Some(_)) => {
             return Err(ProtocolError::bad_request(format!("input '{name}' has both JSON data and binary_data_size")))
         }
-        (Some(data), None) => data.0.clone(),
+        (Some(data), None) => Bytes::from(data.0),
         (None, Some(size)) => {
             let size = size.as_u64().filter(|&s| s <= binary.len() as u64).ok_or_else(|| {
                 ProtocolError::bad_request(format!(
                     "input '{name}': binary_data_size is not a size within the binary data"
                 ))
             })?;
-            binary.split_to(size as usize).to_vec()
+            binary.split_to(size as usize)
         }
         (None, None) => {
             return Err(ProtocolError::bad_request(format!(
@@ -430,14 +462,14 @@ fn input_image(tensor: &InputTensor, binary: &mut Bytes) -> Result<(u32, u32, Ve
             bytes.len()
         )));
     }
-    Ok((width, height, bytes))
+    Ok(InputImage { width, height, pixels: bytes })
 }
 
-/// The pair named `left` and `right`, as the engine's input.
-fn read_inputs(request: &InferRequest, mut binary: Bytes, max_pixels: u64) -> Result<StereoPair, ProtocolError> {
+/// The pair named `left` and `right`, as the pipeline's input.
+fn read_inputs(inputs: Vec<InputTensor>, mut binary: Bytes, max_pixels: u64) -> Result<PairInput, ProtocolError> {
     let mut left = None;
     let mut right = None;
-    for tensor in &request.inputs {
+    for tensor in inputs {
         let slot = match tensor.name.as_str() {
             "left" => &mut left,
             "right" => &mut right,
@@ -451,29 +483,21 @@ fn read_inputs(request: &InferRequest, mut binary: Bytes, max_pixels: u64) -> Re
         if slot.is_some() {
             return Err(ProtocolError::bad_request(format!("input '{}' given twice", tensor.name)));
         }
-        *slot = Some(input_image(tensor, &mut binary)?);
+        *slot = Some(input_image(tensor, &mut binary, max_pixels)?);
     }
     let (Some(left), Some(right)) = (left, right) else {
         return Err(ProtocolError::bad_request("this model needs two inputs, 'left' and 'right'"));
     };
-    if left.0 as u64 * left.1 as u64 > max_pixels {
-        return Err(ApiError::Image {
-            field: "left",
-            source: crate::decode::DecodeError::TooManyPixels {
-                width: left.0,
-                height: left.1,
-                pixels: left.0 as u64 * left.1 as u64,
-                limit: max_pixels,
-            },
-        }
-        .into());
+    if (left.width, left.height) != (right.width, right.height) {
+        let mismatch = crate::decode::SizeMismatch {
+            left_width: left.width,
+            left_height: left.height,
+            right_width: right.width,
+            right_height: right.height,
+        };
+        return Err(ApiError::from(mismatch).into());
     }
-    super::disparity::check_padded_size(left.0, left.1, max_pixels)?;
-    let to_image = |(width, height, bytes): (u32, u32, Vec<u8>)| {
-        let rgb = image::RgbImage::from_raw(width, height, bytes).expect("size checked against the shape");
-        crate::decode::to_rgb_unit(image::DynamicImage::ImageRgb8(rgb))
-    };
-    StereoPair::new(to_image(left), to_image(right)).map_err(|e| ApiError::SizeMismatch(e).into())
+    Ok(PairInput::Pixels { width: left.width, height: left.height, left: left.pixels, right: right.pixels })
 }
 
 /// The model's outputs.
@@ -628,45 +652,62 @@ fn encode_answer(
 )]
 pub async fn infer(
     State(state): State<AppState>,
-    Path(path): Path<ModelPath>,
+    Extension(RequestStart(started)): Extension<RequestStart>,
+    path: Result<Path<ModelPath>, PathRejection>,
     request: Request,
 ) -> Result<Response, ProtocolError> {
+    let Path(path) = path.map_err(|e| ProtocolError::bad_request(super::error::echo(&e.body_text())))?;
     check_model(&path.name, path.version.as_deref())?;
     // The same admission as /api/v1/disparity, before the body is read.
     let receiving = state.admit_upload(request.headers())?;
     let headers = request.headers().clone();
     let body = read_bytes(request, state.limits.max_upload_bytes, state.limits.upload_timeout).await?;
-
     let max_pixels = state.limits.max_pixels;
-    let uploads = state.uploads.clone();
-    let (parsed, pair) = tokio::task::spawn_blocking(move || -> Result<_, ProtocolError> {
-        let (json_part, binary) = split_body(&headers, &body)?;
-        let parsed: InferRequest = serde_json::from_slice(&json_part).map_err(|e| {
-            ProtocolError::bad_request(format!("invalid inference request: {}", super::error::echo(&e.to_string())))
-        })?;
-        let outputs = requested_outputs(&parsed)?;
-        let pair = read_inputs(&parsed, binary, max_pixels)?;
-        let (width, height) = pair.dimensions();
-        let _decoded = uploads.try_admit(decoded_pair_bytes(width, height)).ok_or_else(|| uploads.full())?;
-        Ok(((parsed.id, outputs), pair))
-    })
-    .await
-    .map_err(|_| ApiError::Internal("the request parser panicked".into()))??;
-    drop(receiving);
-    let (id, outputs) = parsed;
+    let ParsedRequest { id, outputs, pair } =
+        pool::run(move || parse_request(&headers, body, max_pixels)).await.map_err(internal_error)??;
 
-    let prediction = if outputs.iter().any(|(name, _)| *name == OutputName::Uncertainty) {
-        state.engine.predict_with_uncertainty(pair).await
-    } else {
-        state.engine.predict(pair).await
-    }
-    .map_err(ApiError::from)?;
-    let answer = tokio::task::spawn_blocking(move || {
-        encode_answer(id.as_deref(), &outputs, &prediction.disparity, prediction.uncertainty.as_ref())
+    let options =
+        Options { uncertainty: outputs.iter().any(|(name, _)| *name == OutputName::Uncertainty), ..Options::default() };
+    let request =
+        pipeline::Request { pair, ground_truth: None, calibration: None, options, started, receiving: Some(receiving) };
+    let outcome = state.pipeline().run(request).await.map_err(ApiError::from)?;
+    let encode_started = Instant::now();
+    let (mut response, mut timings) = pool::run(move || {
+        let response = encode_answer(id.as_deref(), &outputs, &outcome.disparity, outcome.uncertainty.as_ref());
+        (response, outcome.timings)
     })
     .await
-    .map_err(|_| ApiError::Internal("the answer encoder panicked".into()))?;
-    Ok(answer)
+    .map_err(internal_error)?;
+    timings.add_encode(encode_started.elapsed(), started.elapsed());
+    response.headers_mut().insert(super::headers::SERVER_TIMING, super::headers::server_timing(&timings));
+    response.extensions_mut().insert(timings);
+    Ok(response)
+}
+
+/// A step that panicked (logged; the client gets a plain 500).
+fn internal_error(why: String) -> ProtocolError {
+    ApiError::Internal(why).into()
+}
+
+/// An inference request, checked: its ID, the outputs asked for (each with
+/// whether it goes as binary data), and the pair.
+struct ParsedRequest {
+    id: Option<String>,
+    outputs: Vec<(OutputName, bool)>,
+    pair: PairInput,
+}
+
+/// The request's JSON part and binary data, parsed and checked.
+fn parse_request(headers: &HeaderMap, body: Bytes, max_pixels: u64) -> Result<ParsedRequest, ProtocolError> {
+    let (json_part, binary) = split_body(headers, &body)?;
+    let parsed: InferRequest = serde_json::from_slice(&json_part).map_err(|e| {
+        ProtocolError::bad_request(format!("invalid inference request: {}", super::error::echo(&e.to_string())))
+    })?;
+    // The JSON text is gone once parsed; binary inputs share the body's buffer.
+    drop((json_part, body));
+    let outputs = requested_outputs(&parsed)?;
+    let pair = read_inputs(parsed.inputs, binary, max_pixels)?;
+    Ok(ParsedRequest { id: parsed.id, outputs, pair })
 }
 
 #[cfg(test)]
@@ -743,11 +784,18 @@ mod tests {
             parameters: Map::new(),
             data: Some(Uint8Data(data)),
         };
-        assert_eq!(input_image(&tensor(vec![1, 2, 3], vec![0; 6]), &mut Bytes::new()).unwrap().0, 2);
-        assert!(input_image(&tensor(vec![1, 2, 3], vec![0; 5]), &mut Bytes::new()).is_err());
-        assert!(input_image(&tensor(vec![2, 3], vec![0; 6]), &mut Bytes::new()).is_err());
+        let check = |t| input_image(t, &mut Bytes::new(), 1 << 20);
+        assert_eq!(check(tensor(vec![1, 2, 3], vec![0; 6])).unwrap().width, 2);
+        assert!(check(tensor(vec![1, 2, 3], vec![0; 5])).is_err());
+        assert!(check(tensor(vec![2, 3], vec![0; 6])).is_err());
         let mut fp32 = tensor(vec![1, 2, 3], vec![0; 6]);
         fp32.datatype = "FP32".into();
-        assert!(input_image(&fp32, &mut Bytes::new()).is_err());
+        assert!(check(fp32).is_err());
+        // H * W * 3 wraps around in u64 to the number of values sent: refused by the pixel limit first.
+        let wrapping = tensor(vec![2_900_561_549, 4_239_809_835, 3], vec![0; 6]);
+        let Err(e) = check(wrapping) else { panic!("a wrapping shape is refused") };
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(check(tensor(vec![-1, 2, 3], vec![0; 6])).is_err());
+        assert!(check(tensor(vec![i64::MAX, 2, 3], vec![0; 6])).is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! Our PNG writer: the image cut into strips of rows that are filtered and
-//! compressed side by side, one thread a strip.
+//! compressed side by side, one task a strip on the CPU pool.
 //!
 //! A PNG holds one zlib stream, which a single compressor writes in order; the
 //! `png` crate's fastest setting (fdeflate) does so on one core, and at KITTI
@@ -7,7 +7,7 @@
 //! stream be cut into blocks, and a block may start anywhere once the previous
 //! one ends on a byte boundary: an empty stored block after a strip's last
 //! block puts it there (what zlib calls a sync flush). So each strip becomes
-//! blocks of its own, made on its own thread, and the strips' bytes are
+//! blocks of its own, made by its own task, and the strips' bytes are
 //! concatenated. The decoded pixels are exactly the input (tested against the
 //! image crate's decoder and miniz_oxide's inflate; browsers and Python's
 //! zlib read them in the end-to-end tests); the compression is tuned for what
@@ -21,11 +21,9 @@
 //! - every block (about 64 K tokens) gets Huffman codes built from its own
 //!   symbol counts (a "dynamic" block), so skewed filtered bytes take few bits.
 //!
-//! The data flows, row by row on each strip's thread: pixels -> filtered
+//! The data flows, row by row in each strip's task: pixels -> filtered
 //! bytes -> tokens (literal or run) -> symbol counts -> code lengths (at most
 //! 15 bits) -> canonical codes -> bits.
-
-use std::thread;
 
 /// What one pixel is in the PNG we write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,7 +83,8 @@ where
 
 /// One strip a core, each of at least [`MIN_STRIP_BYTES`] of raw pixels.
 fn strips_for(width: u32, height: u32, kind: PixelKind) -> usize {
-    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    // The CPU pool's size (rayon's global pool: see `pipeline::pool`).
+    let cores = rayon::current_num_threads();
     let raw_bytes = width as usize * kind.bytes_per_pixel() * height as usize;
     cores.min(raw_bytes / MIN_STRIP_BYTES).max(1)
 }
@@ -132,13 +131,8 @@ where
     let parts: Vec<CompressedStrip> = if ranges.len() == 1 {
         vec![compress(0)]
     } else {
-        thread::scope(|scope| {
-            let compress = &compress;
-            let others: Vec<_> = (1..ranges.len()).map(|k| scope.spawn(move || compress(k))).collect();
-            let mut parts = vec![compress(0)];
-            parts.extend(others.into_iter().map(|h| h.join().expect("a strip's compression does not panic")));
-            parts
-        })
+        use rayon::prelude::*;
+        (0..ranges.len()).into_par_iter().map(compress).collect()
     };
     assemble(width, height, kind, palette, &parts)
 }

@@ -101,10 +101,7 @@ impl PinnedStaging {
             // waits for its stream before returning, so no copy from it is pending.
             unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), to as *mut f32, raw.len()) }
         };
-        std::thread::scope(|scope| {
-            scope.spawn(|| copy(right.as_raw(), right_ptr));
-            copy(left.as_raw(), left_ptr);
-        });
+        rayon::join(|| copy(right.as_raw(), right_ptr), || copy(left.as_raw(), left_ptr));
         Ok(())
     }
 }

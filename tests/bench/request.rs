@@ -33,11 +33,12 @@ use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{ExtendedColorType, ImageEncoder};
 use loadgen::{multipart, ServerProcess};
 use serde_json::json;
-use stereo_recon::api::answer::{encode_answer, AnswerContext, OutputFormat};
 use stereo_recon::codec::{colormap, kitti, pfm, striped_png, PixelKind};
 use stereo_recon::decode::{decode_pair, decode_rgb};
 use stereo_recon::disparity::DisparityMap;
 use stereo_recon::engine::{DeviceChoice, Engine, EngineConfig, MemoryFormat, Precision, StereoPair};
+use stereo_recon::pipeline::answer::{encode_answer, AnswerContext};
+use stereo_recon::pipeline::OutputFormat;
 use tokio::io::{AsyncWriteExt, BufReader};
 
 const FORMATS: [&str; 4] = ["json", "color", "png16", "pfm"];
@@ -138,13 +139,7 @@ fn pair_at(width: u32, height: u32) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn format_of(name: &str) -> OutputFormat {
-    match name {
-        "json" => OutputFormat::Json,
-        "color" => OutputFormat::Color,
-        "png16" => OutputFormat::Png16,
-        "pfm" => OutputFormat::Pfm,
-        other => panic!("unknown format {other}"),
-    }
+    OutputFormat::from_label(name).unwrap_or_else(|| panic!("unknown format {name}"))
 }
 
 /// Table 1: the server's functions, step by step.

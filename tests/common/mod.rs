@@ -82,7 +82,7 @@ pub fn state(engine: Engine, limits: Limits) -> AppState {
         limits,
         static_dir: repo().join("static"),
         data_dir: repo().join("data"),
-        uploads: stereo_recon::api::guard::UploadBudget::new(1 << 30),
+        uploads: stereo_recon::pipeline::UploadBudget::new(1 << 30),
         origins: Default::default(),
         connections: Default::default(),
         connection_stats: Default::default(),

@@ -3,19 +3,20 @@
 //! This is the CPU work after inference (the "encode" phase of `Server-Timing`):
 //! PNGs, PFMs, PLYs, scores and, for `format=json`, one JSON document carrying
 //! the images in base64. It is synchronous and pure (no HTTP types), so the
-//! handler runs it on the blocking pool and the request bench
+//! pipeline runs it on the CPU pool and the request bench
 //! (`tests/bench/request.rs`) times exactly the server's code.
 //!
-//! Speed decisions, measured with `make bench-request` (README Performance):
-//! - The images of one JSON answer are encoded side by side on scoped threads,
+//! Speed decisions, measured with `make bench-request` (docs/performance.md):
+//! - The images of one JSON answer are encoded side by side on the CPU pool,
 //!   each straight to base64, and the JSON document is written once into one
 //!   buffer: no base64 `String`s, no serde pass over megabytes of text.
 //! - The `images` object comes first in the document, so the small fields after
 //!   it (with the timings, known only at the end) are appended, not inserted.
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::format::OutputFormat;
 use crate::calibration::CalibrationFormat;
 use crate::codec::{colormap, kitti, pfm, png_bytes};
 use crate::disparity::{DisparityMap, DisparityStats};
@@ -24,64 +25,6 @@ use crate::geometry::{self, Mat3};
 use crate::reconstruct::{depth_map, encode_ply_with_uncertainty, DepthMap, DepthStats};
 use crate::rectify::{Rectification, StereoCamera};
 use crate::uncertainty::{self, UncertaintyStats};
-
-/// What the client wants back.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum OutputFormat {
-    /// JSON with statistics, timings and base64 PNGs.
-    #[default]
-    Json,
-    /// KITTI 16-bit PNG, `round(d * 256)`.
-    Png16,
-    /// 8-bit colourised PNG (turbo).
-    Color,
-    /// float32 Middlebury PFM.
-    Pfm,
-    /// Depth as float32 PFM in the calibration's units (+inf = none); needs a calibration.
-    Depth,
-    /// Depth as a 16-bit PNG in millimetres (0 = none); needs a calibration.
-    Depth16,
-    /// Coloured point cloud, binary PLY, left camera frame; needs a calibration.
-    Ply,
-    /// Standard deviation of the disparity (px) as float32 PFM: how far to trust each pixel.
-    Uncertainty,
-    /// Standard deviation of the depth, `Z^2 / (f B) * sigma`, as float32 PFM in the
-    /// calibration's units (+inf = no depth); needs a calibration.
-    #[serde(rename = "depth_uncertainty")]
-    DepthUncertainty,
-}
-
-impl OutputFormat {
-    /// The format's name when it needs a calibration, else `None`.
-    pub fn needs_calibration(self) -> Option<&'static str> {
-        match self {
-            OutputFormat::Depth => Some("depth"),
-            OutputFormat::Depth16 => Some("depth16"),
-            OutputFormat::Ply => Some("ply"),
-            OutputFormat::DepthUncertainty => Some("depth_uncertainty"),
-            _ => None,
-        }
-    }
-
-    /// Whether the answer itself carries the disparity's deviation (the JSON
-    /// answer always does: its statistics and image).
-    pub fn carries_uncertainty(self) -> bool {
-        matches!(self, OutputFormat::Json | OutputFormat::Uncertainty | OutputFormat::DepthUncertainty)
-    }
-
-    /// Whether the answer needs the depth map (not a raw disparity file).
-    fn carries_depth(self) -> bool {
-        matches!(
-            self,
-            OutputFormat::Json
-                | OutputFormat::Depth
-                | OutputFormat::Depth16
-                | OutputFormat::Ply
-                | OutputFormat::DepthUncertainty
-        )
-    }
-}
 
 /// Where the time of one request went, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
@@ -94,6 +37,13 @@ pub struct Timings {
 }
 
 impl Timings {
+    /// Adds a front end's own encoding after the pipeline's, with the new total.
+    pub fn add_encode(&mut self, encode: std::time::Duration, total: std::time::Duration) {
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
+        self.encode_ms = ((self.encode_ms + ms(encode)) * 10.0).round() / 10.0;
+        self.total_ms = ms(total);
+    }
+
     /// As a `Server-Timing` header, which browsers' developer tools display.
     pub fn server_timing(&self) -> String {
         format!(
@@ -113,13 +63,13 @@ pub struct Reconstruction {
 }
 
 /// Everything besides the map that decides the answer's bytes.
-pub struct AnswerContext {
+pub struct AnswerContext<'a> {
     pub format: OutputFormat,
     /// With `format=json`, also include the float PFM(s) in base64.
     pub include_pfm: bool,
     /// Ground truth to score against and draw the error map of.
-    pub truth: Option<DisparityMap>,
-    pub reconstruction: Option<Reconstruction>,
+    pub truth: Option<&'a DisparityMap>,
+    pub reconstruction: Option<&'a Reconstruction>,
     /// Pixels whose deviation is above this (px) get no value in every
     /// disparity, depth and point output (the deviation outputs keep theirs).
     pub max_uncertainty: Option<f32>,
@@ -261,13 +211,16 @@ pub struct AnswerImages {
     pub rectified_left_png: Option<String>,
 }
 
-/// An answer with its bytes made, before the total time is known.
+/// An answer with its bytes made.
 pub enum EncodedAnswer {
-    /// `{"images":{...}` written; [`EncodedAnswer::finish_json`] closes it.
+    /// `{"images":{...}` written, the total time not yet known;
+    /// [`EncodedAnswer::finish_json`] closes it.
     Json {
         partial: Vec<u8>,
         reconstruction: Option<Box<ReconstructionSummary>>,
     },
+    /// A finished JSON answer.
+    Document(Vec<u8>),
     File {
         bytes: Vec<u8>,
         content_type: &'static str,
@@ -287,6 +240,10 @@ pub struct Answer {
     pub masked_pixels: Option<u64>,
     /// Units of depth outputs (`x-depth-units`), when a calibration was sent.
     pub depth_units: Option<&'static str>,
+    /// The depth map's figures, when the format made one.
+    pub depth: Option<DepthStats>,
+    /// Points written, for `ply`.
+    pub points: Option<usize>,
 }
 
 impl EncodedAnswer {
@@ -306,8 +263,7 @@ impl EncodedAnswer {
 /// The handler asks the engine for the deviation whenever the answer needs it
 /// ([`OutputFormat::carries_uncertainty`], `max_uncertainty`, `ply_uncertainty`).
 pub fn encode_answer(context: &AnswerContext, map: &DisparityMap, sigma: Option<&DisparityMap>) -> Answer {
-    let truth = context.truth.as_ref();
-    let reconstruction = context.reconstruction.as_ref();
+    let (truth, reconstruction) = (context.truth, context.reconstruction);
     // What the client sees: the map with the too-uncertain pixels given no value.
     let limit = sigma.zip(context.max_uncertainty);
     let masked = limit.map(|(sigma, max)| uncertainty::mask(map, sigma, max));
@@ -333,6 +289,7 @@ pub fn encode_answer(context: &AnswerContext, map: &DisparityMap, sigma: Option<
         }
     });
     let file = |bytes, content_type, file_name| EncodedAnswer::File { bytes, content_type, file_name };
+    let mut points_written = None;
     let pfm_type = "application/x-portable-floatmap";
     // The handler refuses formats that need a calibration without one, and asks
     // the engine for the deviation when the format needs it, before inference.
@@ -363,6 +320,7 @@ pub fn encode_answer(context: &AnswerContext, map: &DisparityMap, sigma: Option<
             let to_left = geometry::transpose(&r.rectification.r_left);
             let depth = needs_depth();
             let points = depth.point_cloud(&r.colours, &to_left);
+            points_written = Some(points.len());
             let per_point = context.ply_uncertainty.then(|| depth.point_uncertainties(needs_sigma()));
             let units = r.rectification.camera.units.symbol();
             file(
@@ -386,6 +344,8 @@ pub fn encode_answer(context: &AnswerContext, map: &DisparityMap, sigma: Option<
         evaluation_kept: truth.zip(masked.as_ref()).map(|(truth, (kept, _))| evaluate_kept(kept, truth)),
         masked_pixels: masked.as_ref().map(|(_, n)| *n),
         depth_units: reconstruction.map(|r| r.rectification.camera.units.symbol()),
+        depth: depth.as_ref().zip(reconstruction).map(|(d, r)| d.stats(r.max_depth)),
+        points: points_written,
     }
 }
 
@@ -485,18 +445,11 @@ fn encode_json(
 }
 
 /// `{"images":{"key":"<base64>",...}` with every image made and base64-encoded
-/// side by side, each on its own scoped thread (the first on this one).
+/// side by side on the CPU pool.
 fn images_object(jobs: Vec<ImageJob>) -> Vec<u8> {
-    let encoded: Vec<(&'static str, Vec<u8>)> = std::thread::scope(|scope| {
-        let mut jobs = jobs.into_iter();
-        let first = jobs.next();
-        let others: Vec<_> = jobs.map(|(key, make)| (key, scope.spawn(move || base64_of(&make())))).collect();
-        let mut out: Vec<_> = first.into_iter().map(|(key, make)| (key, base64_of(&make()))).collect();
-        out.extend(
-            others.into_iter().map(|(key, handle)| (key, handle.join().expect("image encoding does not panic"))),
-        );
-        out
-    });
+    use rayon::prelude::*;
+    let encoded: Vec<(&'static str, Vec<u8>)> =
+        jobs.into_par_iter().map(|(key, make)| (key, base64_of(&make()))).collect();
     let size: usize = encoded.iter().map(|(key, b64)| key.len() + b64.len() + 6).sum();
     let mut json = Vec::with_capacity(size + 512);
     json.extend_from_slice(b"{\"images\":{");
@@ -528,7 +481,7 @@ fn base64_of(bytes: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn context(format: OutputFormat, include_pfm: bool, truth: Option<DisparityMap>) -> AnswerContext {
+    fn context(format: OutputFormat, include_pfm: bool, truth: Option<&DisparityMap>) -> AnswerContext<'_> {
         AnswerContext {
             format,
             include_pfm,
@@ -563,7 +516,7 @@ mod tests {
     fn json_answer_is_one_valid_document_with_exact_base64_images() {
         let map = DisparityMap::new(2, 2, vec![1.0, 2.0, 3.0, 4.0]).unwrap();
         let sigma = DisparityMap::new(2, 2, vec![0.5, 1.0, 1.5, 2.0]).unwrap();
-        let json = finished(encode_answer(&context(OutputFormat::Json, true, Some(map.clone())), &map, Some(&sigma)));
+        let json = finished(encode_answer(&context(OutputFormat::Json, true, Some(&map)), &map, Some(&sigma)));
         let b64 = |key: &str| {
             base64::engine::general_purpose::STANDARD.decode(json["images"][key].as_str().unwrap()).unwrap()
         };
@@ -592,8 +545,7 @@ mod tests {
         let sigma = DisparityMap::new(2, 2, vec![0.5, 1.0, 1.5, 2.0]).unwrap();
         let truth = DisparityMap::new(2, 2, vec![1.0, 2.0, 13.0, 14.0]).unwrap();
         let masked = DisparityMap::new(2, 2, vec![1.0, 2.0, f32::INFINITY, f32::INFINITY]).unwrap();
-        let limited =
-            |format| AnswerContext { max_uncertainty: Some(1.0), ..context(format, true, Some(truth.clone())) };
+        let limited = |format| AnswerContext { max_uncertainty: Some(1.0), ..context(format, true, Some(&truth)) };
         let json = finished(encode_answer(&limited(OutputFormat::Json), &map, Some(&sigma)));
         let b64 = |key: &str| {
             base64::engine::general_purpose::STANDARD.decode(json["images"][key].as_str().unwrap()).unwrap()
