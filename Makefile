@@ -115,7 +115,7 @@ BUNDLE ?= target/bundle
 bundle: model release tools
 	PYTHON=$(PYTHON) .ci/bundle.sh --binary target/release/stereo-recon --model $(MODEL) --out $(BUNDLE)
 
-# Needs a Docker engine with BuildKit (none on the CI machines; see README "Docker").
+# Needs a Docker engine with BuildKit (none on the CI machines; see docs/docker.md).
 IMAGE ?= stereo-recon:latest
 image:
 	DOCKER_BUILDKIT=1 docker build -t $(IMAGE) .
@@ -131,24 +131,24 @@ browser-deps:
 	$$SUDO apt-get update -qq; \
 	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 
-# Load test against the release binary (README "Robustness"); options after --.
+# Load test against the release binary (docs/robustness.md); options after --.
 LOAD_ARGS ?= --clients 8 --seconds 60 --queue-depth 2 --json target/load-report.json
 load: model
 	cargo bench --locked --bench load -- $(LOAD_ARGS)
 
-# Speed: eager PyTorch vs TorchScript vs Rust engine vs HTTP, one run (README "Performance").
+# Speed: eager PyTorch vs TorchScript vs Rust engine vs HTTP, one run (docs/performance.md).
 BENCH_ARGS ?= --device cpu --sizes 256x512 --iters 5
 bench: model
 	cargo bench --locked --bench speed --no-run
 	$(PYTHON) models/bench.py --checkpoint $(WEIGHTS) --model $(MODEL) $(BENCH_ARGS) --json target/bench.json
 
-# Server memory under 60 slow 60 MB uploads (README "Robustness"); server options after --.
+# Server memory under 60 slow 60 MB uploads (docs/robustness.md); server options after --.
 FLOOD_ARGS ?= --clients 60 --mb 60 --seconds 20
 flood: model
 	cargo bench --locked --bench flood -- $(FLOOD_ARGS)
 
 # The CPU work around inference, phase by phase, in process and over HTTP
-# (README "Performance"); REQUEST_BENCH_ARGS="--server-bin OLD" measures another build.
+# (docs/performance.md); REQUEST_BENCH_ARGS="--server-bin OLD" measures another build.
 REQUEST_BENCH_ARGS ?= --json target/bench-request.json
 bench-request: model
 	cargo bench --locked --bench request -- $(REQUEST_BENCH_ARGS)
@@ -177,7 +177,7 @@ $(PARITY_DIR)/%.pfm: tests/fixtures/%/left.png tests/fixtures/%/right.png $(WEIG
 	$(PYTHON) models/reference.py --checkpoint $(WEIGHTS) predict $(word 1,$^) $(word 2,$^) --out $@ \
 		--uncertainty $(@:.pfm=_uncertainty.pfm)
 
-# Accuracy of the Rust service on every pair with ground truth (README's Accuracy table).
+# Accuracy of the Rust service on every pair with ground truth (docs/accuracy.md).
 accuracy: model release
 	./target/release/stereo-recon eval $(EVAL_DIRS)
 

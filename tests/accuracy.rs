@@ -169,7 +169,7 @@ fn committed_synthetic_data_is_what_the_renderer_produces() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The precision option's accuracy budget (README "Precision"): bf16 on every
+/// The precision option's accuracy budget (docs/performance.md, "Precision"): bf16 on every
 /// pair with ground truth in `../shared/stereo` (when present) and `data/`,
 /// against fp32 on the same pair: EPE within 0.01 px and mean |bf16 - fp32|
 /// below 0.05 px. On a CPU without fast bf16 kernels (AVX2 only, like the CI

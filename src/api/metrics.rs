@@ -323,7 +323,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     get,
     path = "/metrics",
     tag = "service",
-    responses((status = 200, description = "Every series; see the README's Metrics section.", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
+    responses((status = 200, description = "Every series; see docs/metrics.md.", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.render(&state);

@@ -193,7 +193,7 @@ fn calibration_schema() -> utoipa::openapi::schema::Schema {
             .item(
                 ObjectBuilder::new()
                     .schema_type(Type::Object)
-                    .description(Some("our calibration object (see the README)")),
+                    .description(Some("our calibration object (see docs/api.md)")),
             )
             .item(ObjectBuilder::new().schema_type(Type::Null))
             .build(),

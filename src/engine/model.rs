@@ -83,7 +83,7 @@ impl DeviceChoice {
 pub enum MemoryFormat {
     /// Channels-last everywhere: about 20 % faster on the CPU with oneDNN, and
     /// on CUDA cuDNN's fp16 3D convolutions run NDHWC without reorders
-    /// (measured on an H100 at KITTI size, see README Performance).
+    /// (measured on an H100 at KITTI size, see docs/performance.md).
     Auto,
     Contiguous,
     /// NHWC / NDHWC weights, so oneDNN and cuDNN can skip layout reorders.
@@ -129,7 +129,7 @@ pub enum Precision {
     /// fp32 on the CPU (bf16 measured no faster there: 8.4 s vs 8.1 s at KITTI
     /// size); fp16 on CUDA, where tensor cores make it the fastest and its
     /// end-point error stays within 0.01 px of fp32's on every shared pair
-    /// (bf16, as fast, does not: 8 bits of mantissa; see README Performance).
+    /// (bf16, as fast, does not: 8 bits of mantissa; see docs/performance.md).
     Auto,
     Fp32,
     /// bfloat16: fp32's range, 8 bits of mantissa. Runs on CPU and CUDA.

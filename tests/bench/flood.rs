@@ -1,4 +1,4 @@
-//! Upload flood: `make flood` (README "Robustness"). Starts the release server
+//! Upload flood: `make flood` (docs/robustness.md). Starts the release server
 //! on 127.0.0.1 and opens `--clients` connections that each announce a
 //! `--mb` MB JSON body and send it slowly (`--chunk-kb` every 100 ms), as an
 //! attacker holding memory would; samples the server's resident memory every

@@ -6,19 +6,19 @@
 #   tests/bench/gpu.sh prepare   here (cargo, the venv, the model): builds the
 #                                release server and the speed bench, strips them,
 #                                and stages them with the model, the checkpoint and
-#                                the shared pairs in target/gpu-bundle (under 64 MiB
-#                                with the working tree, the device tool's limit).
-#                                Prints the device call to make.
+#                                the shared pairs in target/gpu-bundle (kept under
+#                                64 MiB with the working tree, so it copies quickly).
+#                                Prints what to run on the GPU machine.
 #   tests/bench/gpu.sh run       on the GPU machine, from the repository root, with
 #                                target/gpu-bundle carried: writes everything under
 #                                $OUT (default target/gpu-results).
 #   tests/bench/gpu.sh           both, on a machine that has cargo and a GPU.
 #
-# With the workplace's device tool, after `prepare`:
-#   run(command="tests/bench/gpu.sh run", carry=["target/gpu-bundle"])
+# On the GPU machine, after `prepare`, with target/gpu-bundle copied beside the
+# working tree: tests/bench/gpu.sh run
 #
 # What `run` does, each stage's output in $OUT (STAGES picks, default all):
-# Files back (the device tool returns 8 at most): summary.md (every stage's
+# Files written (eight, few enough to copy back by hand): summary.md (every stage's
 # table, the machine, failures), bench.json, levers.json, accuracy.json,
 # profile.json, profile.txt.
 #   table     models/bench.py: (a) eager PyTorch fp32, (b) TorchScript from Python,
@@ -84,10 +84,10 @@ for line in sys.stdin:
     bundled=$(du -sb "$bundle" | cut -f1)
     echo "bundle: $((bundled / 1048576)) MiB + working tree $((tree / 1048576)) MiB (limit 64 MiB)" >&2
     if (( bundled + tree > 64 * 1048576 )); then
-        echo "gpu.sh prepare: over the device tool's 64 MiB" >&2
+        echo "gpu.sh prepare: the bundle is over 64 MiB" >&2
         exit 1
     fi
-    echo 'now: run(command="tests/bench/gpu.sh run", carry=["target/gpu-bundle"])'
+    echo 'now, on the GPU machine with target/gpu-bundle copied: tests/bench/gpu.sh run'
 }
 
 # The levers, each against the others in one run (see speed.rs --variants).
