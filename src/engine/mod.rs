@@ -17,7 +17,9 @@ pub mod cuda_graph;
 pub mod cuda_stats;
 mod graphs;
 mod model;
+mod options;
 pub mod tensors;
+mod worker;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +33,8 @@ use tracing::Span;
 
 pub use crate::decode::SizeMismatch;
 use crate::disparity::DisparityMap;
-pub use model::{DeviceChoice, ExportMetadata, ImageSize, MemoryFormat, Precision};
+pub use model::ExportMetadata;
+pub use options::{DeviceChoice, ImageSize, MemoryFormat, Precision};
 
 /// Everything the engine thread needs to load and run the model.
 #[derive(Debug, Clone)]
@@ -333,10 +336,10 @@ impl Engine {
         let (status_tx, status) = watch::channel(EngineStatus::Loading);
         let counters = Arc::new(Counters::new());
         let pace = Arc::new(Pace::default());
-        let shared = model::EngineShared { counters: counters.clone(), pace: pace.clone() };
+        let shared = worker::EngineShared { counters: counters.clone(), pace: pace.clone() };
         std::thread::Builder::new()
             .name("psmnet-engine".into())
-            .spawn(move || model::run_engine(config, receiver, status_tx, shared))?;
+            .spawn(move || worker::run_engine(config, receiver, status_tx, shared))?;
         Ok(Engine { jobs, status, queue_depth, admission: Arc::new(Semaphore::new(queue_depth + 1)), counters, pace })
     }
 
