@@ -275,11 +275,85 @@ fn png_writers(
         table.insert(format!("{what} striped, 1 strip"), (time_ms(iters, one_strip), one_strip().len()));
         table.insert(format!("{what} striped, {cores} cores"), (time_ms(iters, per_core), per_core().len()));
     }
+    deflate_per_strip(iters, &mut table, colour_raw, &png16_raw, width, height, cores);
     println!("\nPNG writers at {width}x{height} (Up filter): ms, bytes");
     for (name, (ms, bytes)) in &table {
         println!("  {name:<30} {ms:7.2} {bytes:>9}");
     }
     table
+}
+
+/// Each maintained DEFLATE crate writing the same Up-filtered strips (one per
+/// core, side by side on the CPU pool, each ending on a byte boundary with a
+/// sync flush but the last): the candidates for the PNG writer's coding. Times
+/// include the filtering; sizes are the deflate bytes of all strips.
+fn deflate_per_strip(
+    iters: usize,
+    table: &mut BTreeMap<String, (f64, usize)>,
+    colour_raw: &[u8],
+    png16_raw: &[u8],
+    width: u32,
+    height: u32,
+    cores: usize,
+) {
+    use rayon::prelude::*;
+    type Deflate = fn(&[u8], bool) -> Vec<u8>;
+    fn zlib_rs(level: i32, strategy: zlib_rs::Strategy, input: &[u8], last: bool) -> Vec<u8> {
+        let config = zlib_rs::DeflateConfig { level, window_bits: -15, strategy, ..Default::default() };
+        let mut compressor = zlib_rs::Deflate::new_with_config(config);
+        let mut out = vec![0; zlib_rs::compress_bound(input.len()) + 16];
+        let flush = if last { zlib_rs::DeflateFlush::Finish } else { zlib_rs::DeflateFlush::SyncFlush };
+        compressor.compress(input, &mut out, flush).expect("room for the whole strip");
+        assert_eq!(compressor.total_in(), input.len() as u64);
+        out.truncate(compressor.total_out() as usize);
+        out
+    }
+    fn miniz(level: u8, rle: bool, input: &[u8], last: bool) -> Vec<u8> {
+        use miniz_oxide::deflate::core::{compress, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush};
+        let strategy = if rle { 3 } else { 0 };
+        let mut compressor = CompressorOxide::new(create_comp_flags_from_zip_params(level.into(), -15, strategy));
+        let mut out = vec![0; input.len() + input.len() / 8 + 64];
+        let flush = if last { TDEFLFlush::Finish } else { TDEFLFlush::Sync };
+        let (_, consumed, written) = compress(&mut compressor, input, &mut out, flush);
+        assert_eq!(consumed, input.len());
+        out.truncate(written);
+        out
+    }
+    let candidates: [(&str, Deflate); 6] = [
+        ("zlib-rs level 1", |i, l| zlib_rs(1, zlib_rs::Strategy::Default, i, l)),
+        ("zlib-rs level 2", |i, l| zlib_rs(2, zlib_rs::Strategy::Default, i, l)),
+        ("zlib-rs level 3", |i, l| zlib_rs(3, zlib_rs::Strategy::Default, i, l)),
+        ("zlib-rs rle", |i, l| zlib_rs(1, zlib_rs::Strategy::Rle, i, l)),
+        ("miniz_oxide level 1", |i, l| miniz(1, false, i, l)),
+        ("miniz_oxide rle", |i, l| miniz(1, true, i, l)),
+    ];
+    for (what, raw, bpp) in [("color", colour_raw, 3usize), ("png16", png16_raw, 2usize)] {
+        let stride = width as usize * bpp;
+        let rows = height as usize;
+        let per_strip = rows.div_ceil(cores.clamp(1, rows));
+        let ranges: Vec<(usize, usize)> = (0..rows).step_by(per_strip).map(|s| (s, (s + per_strip).min(rows))).collect();
+        let filtered = |(start, end): (usize, usize)| -> Vec<u8> {
+            let mut out = Vec::with_capacity((end - start) * (stride + 1));
+            for y in start..end {
+                out.push(2);
+                let row = &raw[y * stride..(y + 1) * stride];
+                if y == 0 {
+                    out.extend_from_slice(row);
+                } else {
+                    let above = &raw[(y - 1) * stride..y * stride];
+                    out.extend(row.iter().zip(above).map(|(b, a)| b.wrapping_sub(*a)));
+                }
+            }
+            out
+        };
+        for (name, deflate) in candidates {
+            let last = ranges.len() - 1;
+            let run = || -> usize {
+                ranges.par_iter().enumerate().map(|(k, &range)| deflate(&filtered(range), k == last).len()).sum()
+            };
+            table.insert(format!("{what} {name}, {} strips", ranges.len()), (time_ms(iters, run), run()));
+        }
+    }
 }
 
 /// The phases of one `Server-Timing` header, by name.
