@@ -40,10 +40,6 @@ impl DisparityMap {
         &self.values
     }
 
-    pub fn into_values(self) -> Vec<f32> {
-        self.values
-    }
-
     /// Value at column `x`, row `y` (top row is 0).
     pub fn get(&self, x: u32, y: u32) -> f32 {
         self.values[y as usize * self.width as usize + x as usize]

@@ -393,3 +393,48 @@ async fn an_answer_after_the_whole_body_was_read_keeps_the_connection() {
     assert_eq!(server.stats.lingered.load(Ordering::Relaxed), 0);
     server.shutdown().await;
 }
+
+/// A client that half-closes its socket after sending a whole request (as `nc -N`
+/// or a `shutdown(SHUT_WR)` does) still gets its answer, even one that takes the
+/// model a while: end of input is not a cancelled request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let running = start_with(state(ready_engine(2).await, DEFAULT_LIMITS)).await;
+    let (left, right) = small_pair();
+    let (content_type, body) = {
+        let request = multipart_request("/api/v1/disparity?format=pfm", &[("left", &left), ("right", &right)]);
+        let content_type = request.headers()["content-type"].to_str().unwrap().to_owned();
+        (content_type, axum::body::to_bytes(request.into_body(), usize::MAX).await.unwrap())
+    };
+    for round in 0..3 {
+        let mut stream = TcpStream::connect(running.address).await.unwrap();
+        let head = format!(
+            "POST /api/v1/disparity?format=pfm HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&body).await.unwrap();
+        stream.shutdown().await.unwrap(); // our FIN: nothing more will be sent
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..answer.len().min(64)]).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "round {round}: {text:?}");
+    }
+    running.shutdown().await;
+}
+
+/// A request line too long for the server is refused with a JSON error like any other.
+#[tokio::test]
+async fn an_overlong_request_line_is_refused_with_json() {
+    let running = start(ConnectionLimits::default()).await;
+    let raw = format!("GET /api/v1/health?{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "q".repeat(100_000));
+    let (status, text) = request(running.address, raw.as_bytes()).await;
+    assert!(status == 414 || status == 431, "{status}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    assert!(json["error"]["code"].is_string(), "{json}");
+    running.shutdown().await;
+}

@@ -612,7 +612,10 @@ async fn drive_connection(
 ) {
     let io = TokioIo::new(TimedStream::new(stream, state.clone(), stats.clone(), limits));
     let service = ConnectionService { router, state: state.clone() };
-    let mut connection = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+    // Half-closures are allowed: a client that sends its whole request and then
+    // shuts down its write side (as `nc -N` does) is waiting for the answer, not
+    // cancelling; without this hyper closes the connection at the end of input.
+    let mut connection = hyper::server::conn::http1::Builder::new().half_close(true).serve_connection(io, service);
     let mut draining = false;
     let outcome = loop {
         tokio::select! {

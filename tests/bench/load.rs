@@ -1,13 +1,15 @@
 //! Load test: the real server binary under concurrent clients, on loopback.
 //!
 //! `cargo bench --bench load -- [--clients 8] [--seconds 60] [--queue-depth 2]
-//! [--size 64x48] [--json target/load-report.json]`
+//! [--size 64x48] [--format png16] [--server-bin PATH] [--json target/load-report.json]`
 //!
 //! Starts `stereo-recon serve` on 127.0.0.1 (port chosen by the OS) on CPU,
 //! waits for it to be healthy, then runs N clients for the given time, each
 //! posting a small textured pair as fast as it is answered (after a 503 it waits
 //! 100 ms). It prints throughput, latency percentiles per status, the status
-//! codes seen, and the server's resident memory before, at peak and after;
+//! codes seen, the server's resident memory before, at peak and after, and its
+//! thread count before and at peak (CPU work runs on one bounded pool, so it
+//! must not grow with the clients);
 //! then stops the server with SIGTERM and checks it exits 0. Bounded in time,
 //! clients and requests; it talks to nothing but the server it started.
 
@@ -20,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loadgen::{multipart, rss_kib, LoadConfig, ServerProcess};
+use loadgen::{multipart, rss_kib, thread_count, LoadConfig, ServerProcess};
 
 struct Options {
     clients: usize,
@@ -28,11 +30,24 @@ struct Options {
     queue_depth: usize,
     width: u32,
     height: u32,
+    /// The answer format asked (`json` makes the server encode several images per answer).
+    format: String,
+    /// The server binary (another build, to compare).
+    server_bin: PathBuf,
     json: Option<PathBuf>,
 }
 
 fn options() -> Options {
-    let mut o = Options { clients: 8, seconds: 60, queue_depth: 2, width: 64, height: 48, json: None };
+    let mut o = Options {
+        clients: 8,
+        seconds: 60,
+        queue_depth: 2,
+        width: 64,
+        height: 48,
+        format: "png16".into(),
+        server_bin: PathBuf::from(env!("CARGO_BIN_EXE_stereo-recon")),
+        json: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -46,6 +61,8 @@ fn options() -> Options {
                 (o.width, o.height) = (w.parse().expect("width"), h.parse().expect("height"));
             }
             "--json" => o.json = Some(PathBuf::from(value())),
+            "--format" => o.format = value(),
+            "--server-bin" => o.server_bin = PathBuf::from(value()),
             "--bench" => {} // cargo bench passes this
             other => panic!("unknown option {other}"),
         }
@@ -79,7 +96,7 @@ fn main() {
     let model = std::env::var("STEREO_RECON_MODEL").unwrap_or_else(|_| "models/psmnet_kitti2015.pt".into());
     let args: Vec<String> =
         ["--device", "cpu", "--model", &model, "--queue-depth", &o.queue_depth.to_string()].map(String::from).into();
-    let mut server = ServerProcess::start(Path::new(env!("CARGO_BIN_EXE_stereo-recon")), &args, &repo());
+    let mut server = ServerProcess::start(&o.server_bin, &args, &repo());
     let (pid, address) = (server.pid(), server.address);
     let ready_by = Instant::now() + Duration::from_secs(120);
     while http_get(address, "/api/v1/health").map(|(s, _)| s) != Some(200) {
@@ -87,16 +104,21 @@ fn main() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let rss_before = rss_kib(pid).unwrap_or(0);
+    let threads_before = thread_count(pid).unwrap_or(0);
 
-    // Peak memory, sampled every 100 ms while the load runs.
+    // Peak memory and threads, sampled every 100 ms while the load runs.
     let peak = Arc::new(AtomicU64::new(rss_before));
+    let peak_threads = Arc::new(AtomicU64::new(threads_before));
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
-        let (peak, sampling) = (peak.clone(), sampling.clone());
+        let (peak, peak_threads, sampling) = (peak.clone(), peak_threads.clone(), sampling.clone());
         std::thread::spawn(move || {
             while sampling.load(Ordering::Relaxed) {
                 if let Some(kib) = rss_kib(pid) {
                     peak.fetch_max(kib, Ordering::Relaxed);
+                }
+                if let Some(threads) = thread_count(pid) {
+                    peak_threads.fetch_max(threads, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -109,18 +131,20 @@ fn main() {
         ("right", &crop_png(&source, 106, o.width, o.height)),
     ]);
     println!(
-        "load: {} clients, {} s, queue depth {} (capacity {}), {}x{} pairs, server pid {pid} on {address}",
+        "load: {} clients, {} s, queue depth {} (capacity {}), {}x{} pairs as {}, server {} pid {pid} on {address}",
         o.clients,
         o.seconds,
         o.queue_depth,
         o.queue_depth + 1,
         o.width,
-        o.height
+        o.height,
+        o.format,
+        o.server_bin.display()
     );
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let report = runtime.block_on(loadgen::run(LoadConfig {
         address,
-        path: "/api/v1/disparity?format=png16".into(),
+        path: format!("/api/v1/disparity?format={}", o.format),
         content_type,
         body: Arc::new(body),
         clients: o.clients,
@@ -160,6 +184,7 @@ fn main() {
         peak.load(Ordering::Relaxed) as f64 / 1024.0,
         rss_after as f64 / 1024.0
     );
+    println!("server threads: {threads_before} before, {} peak", peak_threads.load(Ordering::Relaxed));
     println!("server health after: {health}");
 
     let exit = server.terminate(Duration::from_secs(60));
@@ -179,6 +204,8 @@ fn main() {
             },
             "timeouts": timeouts,
             "rss_kib": {"before": rss_before, "peak": peak.load(Ordering::Relaxed), "after": rss_after},
+            "threads": {"before": threads_before, "peak": peak_threads.load(Ordering::Relaxed)},
+            "format": o.format,
             "exit_ok": exit.success(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap() + "\n").unwrap();

@@ -331,7 +331,8 @@ fn deflate_per_strip(
         let stride = width as usize * bpp;
         let rows = height as usize;
         let per_strip = rows.div_ceil(cores.clamp(1, rows));
-        let ranges: Vec<(usize, usize)> = (0..rows).step_by(per_strip).map(|s| (s, (s + per_strip).min(rows))).collect();
+        let ranges: Vec<(usize, usize)> =
+            (0..rows).step_by(per_strip).map(|s| (s, (s + per_strip).min(rows))).collect();
         let filtered = |(start, end): (usize, usize)| -> Vec<u8> {
             let mut out = Vec::with_capacity((end - start) * (stride + 1));
             for y in start..end {

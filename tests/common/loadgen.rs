@@ -247,6 +247,12 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// Threads of process `pid` now (`Threads:` in /proc/PID/status).
+pub fn thread_count(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok())
+}
+
 /// A multipart/form-data body with the given file fields, in order.
 pub fn multipart(fields: &[(&str, &[u8])]) -> (String, Vec<u8>) {
     let boundary = "stereo-recon-test-boundary-7MA4YWxkTrZu0gW";
