@@ -69,6 +69,9 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("not_found", 404, "no such route or file"),
     ("method_not_allowed", 405, "the route exists but not for this method"),
     ("range_not_satisfiable", 416, "a file's Range header is outside the file"),
+    ("uri_too_long", 414, "a request line too long to read (sent by the connection layer)"),
+    ("request_header_fields_too_large", 431, "request headers too large to read (sent by the connection layer)"),
+    ("bad_request", 400, "a request head that cannot be parsed (sent by the connection layer)"),
     ("internal_error", 500, "an unexpected server error; the detail is in the server log"),
 ];
 

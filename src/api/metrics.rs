@@ -111,7 +111,7 @@ impl Metrics {
             rejected: counter_vec(
                 &r,
                 "stereo_recon_rejected_total",
-                "Requests refused or cut short, by reason: the JSON error code of a 4xx or 503 answer, or too_many_connections and connection_timeout from the connection layer.",
+                "Requests refused or cut short, by reason: the JSON error code of a 4xx or 503 answer, or too_many_connections, connection_timeout and malformed_request (a request head too long or malformed to parse) from the connection layer.",
                 &["reason"],
             ),
             queue_in_flight: gauge(
@@ -223,6 +223,7 @@ impl Metrics {
         }
         catch_up(&self.rejected.with_label_values(&["too_many_connections"]), c.refused.load(Ordering::Relaxed));
         catch_up(&self.rejected.with_label_values(&["connection_timeout"]), c.timed_out.load(Ordering::Relaxed));
+        catch_up(&self.rejected.with_label_values(&["malformed_request"]), c.malformed.load(Ordering::Relaxed));
 
         let mut families = self.registry.gather();
         if let Some(memory) = state.engine.cuda_memory() {

@@ -182,6 +182,9 @@ pub struct TimedStream {
     write_sleep: Pin<Box<Sleep>>,
     /// Follows the request framing for chunk sizes over the body limit.
     chunks: chunk_watch::ChunkWatch,
+    /// Our JSON answer standing in for hyper's bodiless one to a request head it
+    /// could not parse, and how much of it is sent.
+    replacement: Option<(Vec<u8>, usize)>,
 }
 
 impl TimedStream {
@@ -207,6 +210,7 @@ impl TimedStream {
             write_stalled: false,
             write_sleep: Box::pin(tokio::time::sleep(limits.write_timeout)),
             chunks: chunk_watch::ChunkWatch::new(limits.max_body_bytes),
+            replacement: None,
         }
     }
 
@@ -313,8 +317,75 @@ impl TimedStream {
     }
 }
 
+impl TimedStream {
+    /// Writes our JSON stand-in for hyper's answer `original` (its bytes count
+    /// as written once the stand-in is sent whole).
+    fn poll_replacement(&mut self, cx: &mut Context<'_>, original: usize) -> Poll<io::Result<usize>> {
+        loop {
+            let Some((bytes, sent)) = &mut self.replacement else { return Poll::Ready(Ok(original)) };
+            if *sent == bytes.len() {
+                self.replacement = None;
+                return Poll::Ready(Ok(original));
+            }
+            let result = Pin::new(&mut self.inner).poll_write(cx, &bytes[*sent..]);
+            match self.on_write(cx, result) {
+                Poll::Ready(Ok(n)) => {
+                    if let Some((_, sent)) = &mut self.replacement {
+                        *sent += n;
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Starts the stand-in when `data` is hyper's own bodiless error answer.
+    fn replace_bare_error(&mut self, data: &[u8]) {
+        if self.replacement.is_none() {
+            if let Some(json) = json_for_bare_error(data) {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.replacement = Some((json, 0));
+            }
+        }
+    }
+}
+
+/// hyper answers a request head it cannot parse (a request line over the URI
+/// limit: 414; headers over its buffer: 431; malformed: 400) itself, before
+/// any request reaches the router, with no body. Every answer of this server
+/// is JSON, so such an answer (an error status, no content type) is rewritten
+/// with our error object, its code from the status's reason.
+fn json_for_bare_error(data: &[u8]) -> Option<Vec<u8>> {
+    let head_end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&data[..head_end]).ok()?;
+    let status_line = head.lines().next()?;
+    let status: u16 = status_line.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let bare = head.lines().skip(1).all(|line| !line.to_ascii_lowercase().starts_with("content-type:"));
+    if !(400..600).contains(&status) || !bare || data.len() != head_end + 4 {
+        return None;
+    }
+    let reason = axum::http::StatusCode::from_u16(status).ok()?.canonical_reason().unwrap_or("error");
+    let code = reason.to_ascii_lowercase().replace([' ', '-'], "_");
+    let body = serde_json::json!({ "error": {
+        "code": code,
+        "message": format!("the request could not be read ({reason}): its request line or headers are too long or malformed"),
+    }})
+    .to_string();
+    Some(
+        format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
 impl AsyncWrite for TimedStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        self.replace_bare_error(data);
+        if self.replacement.is_some() {
+            return self.poll_replacement(cx, data.len());
+        }
         let result = Pin::new(&mut self.inner).poll_write(cx, data);
         self.on_write(cx, result)
     }
@@ -324,6 +395,19 @@ impl AsyncWrite for TimedStream {
         cx: &mut Context<'_>,
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        // hyper's own error answers are one small head; look at them whole.
+        let first = data.iter().find(|s| !s.is_empty()).map_or(&[][..], |s| &s[..]);
+        if self.replacement.is_none()
+            && first.starts_with(b"HTTP/1.1 ")
+            && data.iter().map(|s| s.len()).sum::<usize>() < 1024
+        {
+            let whole: Vec<u8> = data.iter().flat_map(|s| s.iter().copied()).collect();
+            self.replace_bare_error(&whole);
+        }
+        if self.replacement.is_some() {
+            let total = data.iter().map(|s| s.len()).sum();
+            return self.poll_replacement(cx, total);
+        }
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, data);
         self.on_write(cx, result)
     }
@@ -503,6 +587,8 @@ pub struct ConnectionStats {
     pub refused: AtomicU64,
     pub timed_out: AtomicU64,
     pub lingered: AtomicU64,
+    /// Request heads hyper could not parse (a request line or headers too long, or malformed).
+    pub malformed: AtomicU64,
     /// Connections open now.
     pub open: AtomicUsize,
 }
@@ -658,4 +744,22 @@ async fn linger(stream: &mut TimedStream) {
         }
     }
     debug!(discarded, "lingering close done");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_for_bare_error;
+
+    #[test]
+    fn hypers_bodiless_errors_become_json_and_ours_are_left_alone() {
+        let bare = b"HTTP/1.1 414 URI Too Long\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let json = String::from_utf8(json_for_bare_error(bare).unwrap()).unwrap();
+        assert!(json.starts_with("HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\n"), "{json}");
+        let body: serde_json::Value = serde_json::from_str(json.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "uri_too_long");
+        let ours = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        assert!(json_for_bare_error(ours).is_none());
+        assert!(json_for_bare_error(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
+        assert!(json_for_bare_error(b"HTTP/1.1 204 No Content\r\n\r\n").is_none());
+    }
 }
