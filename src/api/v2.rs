@@ -46,8 +46,8 @@ use crate::disparity::DisparityMap;
 use crate::engine::EngineStatus;
 use crate::pipeline::{self, pool, Options, PairInput, PipelineError};
 
-/// The model's name on this protocol (also `ModelInfo::name`).
-pub const MODEL_NAME: &str = "psmnet-kitti2015";
+/// The model's name on this protocol (the engine's, as everywhere).
+pub use crate::engine::MODEL_NAME;
 /// The one version served.
 pub const MODEL_VERSION: &str = "1";
 /// The binary extension's header: length of the JSON part of a body.

@@ -18,11 +18,12 @@ pub mod cuda_stats;
 mod graphs;
 mod model;
 mod options;
+mod shared;
 pub mod tensors;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,12 @@ pub use crate::decode::SizeMismatch;
 use crate::disparity::DisparityMap;
 pub use model::ExportMetadata;
 pub use options::{DeviceChoice, ImageSize, MemoryFormat, Precision};
+pub use shared::Pace;
+use shared::{AbandonOnDrop, Counters, Job, PairSlot};
+
+/// The model's name wherever it is named: `/api/v1/model`, the metrics, the Open
+/// Inference Protocol's routes.
+pub const MODEL_NAME: &str = "psmnet-kitti2015";
 
 /// Everything the engine thread needs to load and run the model.
 #[derive(Debug, Clone)]
@@ -175,98 +182,6 @@ pub enum EngineError {
     OutOfMemory(String),
     #[error("inference failed: {0}")]
     Inference(String),
-}
-
-/// One request's input, shared between the waiting request and the queued job.
-/// A request that goes away empties it, so an abandoned job in the channel keeps
-/// no image memory alive and the engine knows to skip it.
-type PairSlot = Arc<Mutex<Option<StereoPair>>>;
-
-struct Job {
-    pair: PairSlot,
-    /// Also compute the per-pixel standard deviation (the model's second method).
-    with_uncertainty: bool,
-    reply: oneshot::Sender<Result<Prediction, EngineError>>,
-    span: Span,
-    enqueued: Instant,
-}
-
-/// Empties the request's pair slot when the request future is dropped.
-struct AbandonOnDrop(PairSlot);
-
-impl Drop for AbandonOnDrop {
-    fn drop(&mut self) {
-        if let Ok(mut slot) = self.0.lock() {
-            slot.take();
-        }
-    }
-}
-
-/// Counters of what the engine has done, for `/api/v1/health` and tests.
-#[derive(Debug, Default)]
-struct Counters {
-    completed: AtomicU64,
-    failed: AtomicU64,
-    abandoned: AtomicU64,
-    /// The CUDA allocator's figures after the last job, when on CUDA
-    /// (`u64::MAX`: not known).
-    cuda_allocated: AtomicU64,
-    cuda_peak: AtomicU64,
-}
-
-impl Counters {
-    fn new() -> Counters {
-        Counters { cuda_allocated: AtomicU64::new(u64::MAX), cuda_peak: AtomicU64::new(u64::MAX), ..Default::default() }
-    }
-
-    fn record_cuda_memory(&self, memory: cuda_stats::CudaMemory) {
-        self.cuda_allocated.store(memory.allocated_bytes, Ordering::Relaxed);
-        self.cuda_peak.store(memory.peak_allocated_bytes, Ordering::Relaxed);
-    }
-}
-
-/// The engine's speed and its running job, for an honest `Retry-After`: when
-/// the queue is full, a place frees when the running job ends. Its end is
-/// estimated from its padded pixel count at the recent rate (PSMNet's work is
-/// close to linear in pixels), so one long job does not inflate the estimate
-/// for the small ones after it, as an average time per job would.
-#[derive(Debug, Default)]
-pub struct Pace {
-    /// Moving average of nanoseconds per padded pixel (weight 1/4 on the newest job).
-    ns_per_pixel: AtomicU64,
-    /// The running job: when it began (ms since `epoch`) and its padded pixels.
-    running_since_ms: AtomicU64,
-    running_pixels: AtomicU64,
-    epoch: std::sync::OnceLock<Instant>,
-}
-
-impl Pace {
-    fn now_ms(&self) -> u64 {
-        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64
-    }
-
-    fn start(&self, pixels: u64) {
-        self.running_since_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.running_pixels.store(pixels, Ordering::Relaxed);
-    }
-
-    fn finish(&self) {
-        self.running_pixels.store(0, Ordering::Relaxed);
-    }
-
-    fn record(&self, pixels: u64, took: Duration) {
-        let rate = (took.as_nanos() as u64) / pixels.max(1);
-        let old = self.ns_per_pixel.load(Ordering::Relaxed);
-        self.ns_per_pixel.store(if old == 0 { rate } else { (3 * old + rate) / 4 }, Ordering::Relaxed);
-    }
-
-    /// Estimated time left of the running job (zero when none runs or it is late).
-    pub fn remaining(&self) -> Duration {
-        let pixels = self.running_pixels.load(Ordering::Relaxed);
-        let expected_ms = pixels * self.ns_per_pixel.load(Ordering::Relaxed) / 1_000_000;
-        let elapsed_ms = self.now_ms().saturating_sub(self.running_since_ms.load(Ordering::Relaxed));
-        Duration::from_millis(expected_ms.saturating_sub(elapsed_ms))
-    }
 }
 
 /// A snapshot of the engine's load and history.

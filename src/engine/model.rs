@@ -15,8 +15,9 @@ use tracing::{debug, info, warn};
 use super::cuda_graph::{self, CudaGraph};
 use super::graphs::{GraphCache, Plan, RecordedForward};
 use super::options::{check_cpu_bf16_speed, MemoryFormat, Precision};
+use super::shared::Counters;
 use super::tensors::{cropped_output, cropped_output_pinned, Normaliser, PinnedStaging};
-use super::{Counters, EngineConfig, EngineError, Fault, FaultInjector, InferencePhases, ModelInfo, StereoPair};
+use super::{EngineConfig, EngineError, Fault, FaultInjector, InferencePhases, ModelInfo, StereoPair};
 use crate::disparity::DisparityMap;
 use crate::preprocess::PadRule;
 
@@ -161,7 +162,7 @@ impl StereoModel {
             debug!(converted, "convolution weights laid out channels-last");
         }
         let info = ModelInfo {
-            name: "psmnet-kitti2015".into(),
+            name: super::MODEL_NAME.into(),
             description: meta.name.clone(),
             weights_sha256: meta.weights_sha256.clone(),
             model_file: path.display().to_string(),

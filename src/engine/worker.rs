@@ -12,12 +12,13 @@ use tracing::{debug, error, info, warn};
 use super::graphs::EAGER_RUNS_BEFORE_RECORDING;
 use super::model::{StereoModel, Timed};
 use super::options::ImageSize;
-use super::{EngineConfig, EngineError, EngineStatus, Job, Prediction, StereoPair};
+use super::shared::{Counters, Job, Pace};
+use super::{EngineConfig, EngineError, EngineStatus, Prediction, StereoPair};
 
 /// State the engine thread shares with its [`Engine`](super::Engine) handles.
 pub(super) struct EngineShared {
-    pub counters: Arc<super::Counters>,
-    pub pace: Arc<super::Pace>,
+    pub counters: Arc<Counters>,
+    pub pace: Arc<Pace>,
 }
 
 /// Runs one pass at the smallest input (allocates buffers and, on CUDA,

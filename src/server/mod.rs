@@ -366,18 +366,9 @@ fn json_for_bare_error(data: &[u8]) -> Option<Vec<u8>> {
     }
     let reason = axum::http::StatusCode::from_u16(status).ok()?.canonical_reason().unwrap_or("error");
     let code = reason.to_ascii_lowercase().replace([' ', '-'], "_");
-    let body = serde_json::json!({ "error": {
-        "code": code,
-        "message": format!("the request could not be read ({reason}): its request line or headers are too long or malformed"),
-    }})
-    .to_string();
-    Some(
-        format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes(),
-    )
+    let message =
+        format!("the request could not be read ({reason}): its request line or headers are too long or malformed");
+    Some(json_error_answer(status, &code, &message, ""))
 }
 
 impl AsyncWrite for TimedStream {
@@ -679,12 +670,25 @@ pub async fn serve_connections(
 
 /// Every connection is handling a request: answer 503 and close.
 async fn refuse_connection(mut stream: TcpStream) {
-    let body = r#"{"error":{"code":"too_many_connections","message":"the server has too many open connections; retry shortly"}}"#;
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+    let answer = json_error_answer(
+        503,
+        "too_many_connections",
+        "the server has too many open connections; retry shortly",
+        "retry-after: 1\r\n",
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await;
+}
+
+/// A whole answer with our JSON error object, for the answers this layer
+/// writes itself (below the router, whose middleware writes all the others).
+fn json_error_answer(status: u16, code: &str, message: &str, extra_headers: &str) -> Vec<u8> {
+    let reason = axum::http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error");
+    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// One connection from accept to close.
