@@ -83,9 +83,19 @@ impl AppState {
     /// protocol alike): a full inference queue, then the upload memory budget,
     /// charged the declared length (the body limit when chunked) while it is held.
     pub fn admit_upload(&self, headers: &axum::http::HeaderMap) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.admit_upload_times(headers, 1)
+    }
+
+    /// [`admit_upload`](Self::admit_upload) for a body that is held `factor`
+    /// times over while it is parsed (JSON tensor data: the text and the values).
+    pub fn admit_upload_times(
+        &self,
+        headers: &axum::http::HeaderMap,
+        factor: u64,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         self.engine.check_capacity()?;
         let declared = guard::declared_upload_bytes(headers, self.limits.max_upload_bytes);
-        Ok(self.uploads.admit(declared)?)
+        Ok(self.uploads.admit(declared.saturating_mul(factor))?)
     }
 
     /// The steps from a pair to an answer, over this state's engine, budget and pixel limit.

@@ -48,9 +48,34 @@ pub async fn read_pair(request: Request, limit: usize, timeout: Duration) -> Res
 /// timeout and early 413s as [`read_pair`].
 pub async fn read_bytes(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
     read_within(request, limit, timeout, |request, limit| async move {
-        axum::body::to_bytes(request.into_body(), limit).await.map_err(|e| body_error(&e, limit))
+        let declared = declared_length(&request);
+        whole_body(request.into_body(), declared, limit).await
     })
     .await
+}
+
+/// The body's declared length (`Content-Length`), if any.
+fn declared_length(request: &Request) -> Option<u64> {
+    request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
+/// The whole body, into one buffer sized from its declared length (at most
+/// `limit`): collecting into a growing buffer instead held up to twice the body
+/// while it was copied to a larger one, more than the upload budget charges.
+async fn whole_body(mut body: Body, declared: Option<u64>, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let capacity = declared.map_or(0, |n| n.min(limit as u64) as usize);
+    let mut buffer = bytes::BytesMut::with_capacity(capacity);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| body_error(&e, limit))?;
+        if let Ok(data) = frame.into_data() {
+            if buffer.len() + data.len() > limit {
+                return Err(ApiError::BodyTooLarge { limit });
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffer.freeze())
 }
 
 /// Runs `read` on the body with what every upload gets: a declared length over
@@ -67,9 +92,7 @@ where
     Read: FnOnce(Request, usize) -> Reading,
     Reading: std::future::Future<Output = Result<T, ApiError>>,
 {
-    let declared =
-        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared_length(&request).is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
     let connection = request.extensions().get::<ConnectionHandle>().cloned();
@@ -82,9 +105,9 @@ where
     }
 }
 
-/// A failed whole-body read: 413 when it went over the limit.
+/// A failed body read: 413 when it went over the limit.
 fn body_error(e: &axum::Error, limit: usize) -> ApiError {
-    // to_bytes reports a length-limit breach as its source error.
+    // A length-limit breach (axum's own limit) comes as the source error.
     if std::error::Error::source(e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
         ApiError::BodyTooLarge { limit }
     } else {
@@ -98,7 +121,10 @@ async fn read_body(request: Request, limit: usize) -> Result<UploadedPair, ApiEr
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match essence.as_str() {
         "multipart/form-data" => read_multipart(request, limit).await,
-        "application/json" => read_json(request.into_body(), limit).await,
+        "application/json" => {
+            let declared = declared_length(&request);
+            read_json(request.into_body(), declared, limit).await
+        }
         "" => Err(ApiError::UnsupportedMediaType("(none)".into())),
         _ => Err(ApiError::UnsupportedMediaType(echo(&content_type))),
     }
@@ -210,8 +236,8 @@ struct JsonPair {
     other: serde_json::Map<String, serde_json::Value>,
 }
 
-async fn read_json(body: Body, limit: usize) -> Result<UploadedPair, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| body_error(&e, limit))?;
+async fn read_json(body: Body, declared: Option<u64>, limit: usize) -> Result<UploadedPair, ApiError> {
+    let bytes = whole_body(body, declared, limit).await?;
     let parsed: JsonPair = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(echo(&e.to_string())))?;
     if let Some(name) = parsed.other.keys().next() {
         return Err(ApiError::UnexpectedField(echo(name)));

@@ -7,6 +7,12 @@
 //!
 //! `cargo bench --bench flood -- [--clients 60] [--mb 60] [--chunk-kb 256]
 //!  [--seconds 20] [-- SERVER ARGS...]`
+//!
+//! With `--v2-pixels N`, each client instead sends at once an Open Inference
+//! Protocol request whose two UINT8 inputs of N pixels are JSON numbers (the
+//! largest form of a tensor body) and which names an unknown output, so the
+//! server parses every value and then refuses it: the peak shows what parsing
+//! tensor bodies holds, against the bytes the upload budget was charged.
 
 #[path = "../common/loadgen.rs"]
 mod loadgen;
@@ -25,6 +31,7 @@ fn main() {
     let mut mb = 60usize;
     let mut chunk_kb = 256usize;
     let mut seconds = 20u64;
+    let mut v2_pixels = 0usize;
     let mut server_args: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -34,6 +41,7 @@ fn main() {
             "--mb" => mb = value().parse().unwrap(),
             "--chunk-kb" => chunk_kb = value().parse().unwrap(),
             "--seconds" => seconds = value().parse().unwrap(),
+            "--v2-pixels" => v2_pixels = value().parse().unwrap(),
             "--bench" => {}
             "--" => server_args.extend(args.by_ref().filter(|a| a != "--bench")),
             other => panic!("unknown option {other}"),
@@ -60,11 +68,26 @@ fn main() {
                 if let Some(kib) = loadgen::rss_kib(pid) {
                     peak.fetch_max(kib / 1024, Ordering::Relaxed);
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(20));
             }
         })
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    if v2_pixels > 0 {
+        let body = Arc::new(v2_json_body(v2_pixels));
+        let outcomes = runtime.block_on(v2_flood(address, clients, body.clone()));
+        running.store(false, Ordering::Relaxed);
+        sampler.join().unwrap();
+        let exit = server.terminate(Duration::from_secs(60));
+        let charged = (clients * body.len()) >> 20;
+        println!(
+            "{clients} clients x one {} MB JSON tensor body ({v2_pixels} pixels an input): server RSS {before} MiB before, {} MiB peak (+{} MiB; bodies declared {charged} MiB, charged to the budget twice that by servers that charge JSON tensor data twice); answers {outcomes:?}; exit {exit}",
+            body.len() >> 20,
+            peak.load(Ordering::Relaxed),
+            peak.load(Ordering::Relaxed).saturating_sub(before),
+        );
+        return;
+    }
     let outcomes: Vec<String> = runtime.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let tasks: Vec<_> = (0..clients)
@@ -115,4 +138,46 @@ fn main() {
         "{clients} clients x {mb} MB at {chunk_kb} KiB / 100 ms for {seconds} s: server RSS {before} MiB before, {} MiB peak; outcomes {counts:?}; exit {exit}",
         peak.load(Ordering::Relaxed)
     );
+}
+
+/// An inference request with two `pixels`-pixel UINT8 inputs as JSON numbers,
+/// asking for an output the model has not (so it is refused after parsing).
+fn v2_json_body(pixels: usize) -> Vec<u8> {
+    let width = 1000usize;
+    let height = pixels.div_ceil(width);
+    let values: String = (0..width * height * 3).map(|i| ((i * 7919) % 256).to_string()).collect::<Vec<_>>().join(",");
+    let input = |name: &str| {
+        format!(r#"{{"name":"{name}","datatype":"UINT8","shape":[{height},{width},3],"data":[{values}]}}"#)
+    };
+    format!(r#"{{"inputs":[{},{}],"outputs":[{{"name":"not-an-output"}}]}}"#, input("left"), input("right"))
+        .into_bytes()
+}
+
+/// `clients` connections each sending `body` at once; the status line each got.
+async fn v2_flood(address: std::net::SocketAddr, clients: usize, body: Arc<Vec<u8>>) -> BTreeMap<String, usize> {
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else {
+                    return "connect failed".to_owned();
+                };
+                let head = format!(
+                    "POST /v2/models/psmnet-kitti2015/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(&body).await.is_err() {
+                    return "reset".into();
+                }
+                let mut answer = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(120), stream.read_to_end(&mut answer)).await;
+                String::from_utf8_lossy(&answer).lines().next().unwrap_or("no answer").to_owned()
+            })
+        })
+        .collect();
+    let mut counts = BTreeMap::new();
+    for task in tasks {
+        *counts.entry(task.await.unwrap_or_else(|e| e.to_string())).or_default() += 1;
+    }
+    counts
 }
