@@ -26,6 +26,11 @@ use crate::reconstruct::{depth_map, encode_ply_with_uncertainty, DepthMap, Depth
 use crate::rectify::{Rectification, StereoCamera};
 use crate::uncertainty::{self, UncertaintyStats};
 
+/// `d` in milliseconds, to a tenth (what every timing reports).
+pub fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
 /// Where the time of one request went, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct Timings {
@@ -39,7 +44,6 @@ pub struct Timings {
 impl Timings {
     /// Adds a front end's own encoding after the pipeline's, with the new total.
     pub fn add_encode(&mut self, encode: std::time::Duration, total: std::time::Duration) {
-        let ms = |d: std::time::Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
         self.encode_ms = ((self.encode_ms + ms(encode)) * 10.0).round() / 10.0;
         self.total_ms = ms(total);
     }

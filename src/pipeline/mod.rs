@@ -46,7 +46,7 @@ use crate::engine::{Engine, EngineStatus, InferencePhases, ModelInfo, StereoPair
 use crate::eval::decode_ground_truth;
 use crate::preprocess::PadRule;
 use crate::rectify::rectify_pair;
-use answer::{AnswerContext, JsonSummary, Reconstruction};
+use answer::{ms, AnswerContext, JsonSummary, Reconstruction};
 
 /// The two images, in whichever form the front end has them.
 pub enum PairInput {
@@ -203,10 +203,6 @@ struct Context {
     truth: Option<DisparityMap>,
     reconstruction: Option<Reconstruction>,
     model: Option<Arc<ModelInfo>>,
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
 /// Encodes every asked format; a JSON answer is finished with the timings,
