@@ -35,6 +35,9 @@ pub enum Command {
     Predict(PredictArgs),
     /// Measure accuracy on folders of pairs with ground truth (EPE, D1, bad-1/2/3).
     Eval(EvalArgs),
+    /// Run whole datasets (KITTI, Middlebury, left/ + right/ folders) and stereo videos,
+    /// with progress, resume, and shards for several machines.
+    Batch(BatchArgs),
     /// Render the synthetic sample scene (images, exact disparity, calibration) into a folder.
     RenderSynthetic(RenderArgs),
     /// Check that the server in this container is ready (exit 0) or not (exit 1), for
@@ -254,8 +257,10 @@ pub struct RenderArgs {
 /// `eval`: accuracy of the same engine on pairs with ground truth.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Pair folders (left.*, right.*, disp_gt.pfm | disp_gt_kitti16.png | disp_gt.png), or
-    /// folders holding pair folders at any depth.
+    /// Dataset folders, any layout `batch` reads: KITTI (ground truth from disp_occ_0/ or
+    /// disp_noc_0/), Middlebury scenes (disp0GT.pfm, scored where mask0nocc.png is 255), pair
+    /// folders (left.*, right.*, disp_gt.pfm | disp_gt_kitti16.png | disp_gt.png), or folders
+    /// holding any of these at any depth.
     #[arg(required = true)]
     pub dirs: Vec<PathBuf>,
     /// Print JSON instead of a table.
@@ -272,4 +277,132 @@ pub struct EvalArgs {
     pub maxdisp: f32,
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// How the two views of a stereo video are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VideoLayout {
+    /// Side by side: the left view in the left half of each frame.
+    Sbs,
+    /// Top and bottom: the left view in the top half.
+    Tb,
+}
+
+impl VideoLayout {
+    /// The option's value, as messages and the summary show it.
+    pub fn label(self) -> &'static str {
+        match self {
+            VideoLayout::Sbs => "sbs",
+            VideoLayout::Tb => "tb",
+        }
+    }
+}
+
+/// `batch`: many pairs through one loaded engine, outputs mirrored under `--out`.
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// Dataset folders (KITTI image_2/ + image_3/ or colored_0/ + colored_1/, Middlebury scenes
+    /// with im0/im1, left/ + right/ folders, pair folders with left.* + right.*, or folders
+    /// holding these), or stereo video files (with --layout).
+    pub inputs: Vec<PathBuf>,
+    /// Folder to write into: one subfolder per format (png16/, pfm/, color/, ...), files named
+    /// after their pair (000046_10.png, frame_000123.pfm); one more level per input when
+    /// several are given.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// What to write per pair, comma-separated: png16, pfm, color, uncertainty, depth,
+    /// depth16, ply, depth_uncertainty, json.
+    #[arg(long, value_delimiter = ',', default_value = "png16")]
+    pub formats: Vec<String>,
+    /// Layout of the stereo video files among the inputs.
+    #[arg(long)]
+    pub layout: Option<VideoLayout>,
+    /// A stereo video stored as two files: the left view's file (with --right-video).
+    #[arg(long, requires = "right_video")]
+    pub left_video: Option<PathBuf>,
+    /// The right view's file (with --left-video).
+    #[arg(long, requires = "left_video")]
+    pub right_video: Option<PathBuf>,
+    /// Videos: take every N-th frame.
+    #[arg(long, default_value_t = 1)]
+    pub every: u64,
+    /// Videos: start this many seconds in.
+    #[arg(long)]
+    pub start: Option<f64>,
+    /// Videos: stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Videos: also write the colour disparity as a video at the source frame rate (.mp4,
+    /// H.264). Needs every frame, so not with --shard.
+    #[arg(long)]
+    pub video_out: Option<PathBuf>,
+    /// Calibration for every pair (our JSON, OpenCV YAML, KITTI or Middlebury calib.txt);
+    /// without it, depth and points use each pair's own (KITTI calib_cam_to_cam/, Middlebury
+    /// calib.txt, calib.json in a pair folder).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// With a calibration: leave out points farther than this (calibration units).
+    #[arg(long)]
+    pub max_depth: Option<f64>,
+    /// Mark every pixel whose standard deviation is above this many px as having no value.
+    #[arg(long)]
+    pub max_uncertainty: Option<f32>,
+    /// Compute pairs whose outputs already exist again (default: skip them, so a stopped
+    /// run resumes).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Stop at the first pair that fails (default: report it, go on, exit non-zero at the end).
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// Print one JSON line per pair on stdout instead of a progress bar.
+    #[arg(long)]
+    pub json: bool,
+    /// Only list the pairs this run (this shard) would take, whether each is already done,
+    /// and exit: the model is not loaded.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Process only the I-th of N disjoint slices of the pairs (I from 0), e.g. 0/4 .. 3/4 on
+    /// four machines: pair k belongs to slice k mod N.
+    #[arg(long, default_value = "0/1")]
+    pub shard: Shard,
+    /// Pairs in flight at once (decoding, waiting for the engine, encoding and writing);
+    /// 1 runs strictly one after the other.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub pipeline_depth: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// `--shard I/N`: which slice of the pairs this run takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Shard {
+    /// Whether the `k`-th pair of the whole list is this shard's.
+    pub fn takes(self, k: u64) -> bool {
+        k % self.count == self.index
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Shard, String> {
+        let bad = || format!("{text:?}: expected I/N with 0 <= I < N, e.g. 0/4");
+        let (index, count) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (index.trim().parse().map_err(|_| bad())?, count.trim().parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
 }

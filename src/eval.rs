@@ -11,8 +11,6 @@
 //! Ground truth is read from Middlebury PFM (`inf` = none), KITTI 16-bit PNG (value / 256,
 //! 0 = none) or an 8-bit PNG with a stated scale (value / scale, 0 = none).
 
-use std::path::{Path, PathBuf};
-
 use image::RgbImage;
 use serde::Serialize;
 
@@ -283,6 +281,19 @@ pub fn error_map(prediction: &DisparityMap, truth: &DisparityMap) -> RgbImage {
     RgbImage::from_raw(prediction.width(), prediction.height(), raw).expect("three bytes per pixel")
 }
 
+/// Ground truth kept only where a Middlebury-style mask is 255 (seen by both
+/// views; 128 is occluded, 0 unknown): other pixels get no value, so they are
+/// not scored.
+pub fn apply_mask(truth: &DisparityMap, mask_png: &[u8]) -> Result<DisparityMap, String> {
+    let mask = image::load_from_memory(mask_png).map_err(|e| format!("the mask: {e}"))?.to_luma8();
+    if mask.dimensions() != (truth.width(), truth.height()) {
+        let (w, h) = mask.dimensions();
+        return Err(format!("the mask is {w}x{h} but the ground truth is {}x{}", truth.width(), truth.height()));
+    }
+    let values = truth.values().iter().zip(mask.as_raw()).map(|(&t, &m)| if m == 255 { t } else { f32::INFINITY });
+    Ok(DisparityMap::new(truth.width(), truth.height(), values.collect()).expect("one value per pixel"))
+}
+
 /// Why ground truth could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum GroundTruthError {
@@ -329,55 +340,6 @@ pub fn decode_ground_truth(
             other.color()
         ))),
     }
-}
-
-/// One pair found on disk.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PairFiles {
-    pub name: String,
-    pub left: PathBuf,
-    pub right: PathBuf,
-    pub ground_truth: Option<PathBuf>,
-    /// From `pair.json` `{"gt_scale": N}`, for 8-bit ground truth.
-    pub gt_scale: Option<f32>,
-}
-
-const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"];
-/// Ground-truth file names, in order of preference (exact formats first).
-const GROUND_TRUTH_FILES: [&str; 3] = ["disp_gt.pfm", "disp_gt_kitti16.png", "disp_gt.png"];
-
-fn find_image(dir: &Path, stem: &str) -> Option<PathBuf> {
-    IMAGE_EXTENSIONS.iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| p.is_file())
-}
-
-/// The pair in `dir`, if it holds `left.*` and `right.*`.
-pub fn pair_in(dir: &Path) -> Option<PairFiles> {
-    let left = find_image(dir, "left")?;
-    let right = find_image(dir, "right")?;
-    let ground_truth = GROUND_TRUTH_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file());
-    let gt_scale = std::fs::read_to_string(dir.join("pair.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|json| json["gt_scale"].as_f64())
-        .map(|s| s as f32);
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
-    Some(PairFiles { name, left, right, ground_truth, gt_scale })
-}
-
-/// `root` itself if it is a pair folder, else every pair folder below it
-/// (one level, then recursively), sorted by path.
-pub fn discover_pairs(root: &Path) -> std::io::Result<Vec<PairFiles>> {
-    if let Some(pair) = pair_in(root) {
-        return Ok(vec![pair]);
-    }
-    let mut found = Vec::new();
-    let mut dirs: Vec<PathBuf> =
-        std::fs::read_dir(root)?.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
-    dirs.sort();
-    for dir in dirs {
-        found.extend(discover_pairs(&dir)?);
-    }
-    Ok(found)
 }
 
 #[cfg(test)]
@@ -509,27 +471,14 @@ mod tests {
     }
 
     #[test]
-    fn discovers_pair_folders_and_their_ground_truth() {
-        let root = std::env::temp_dir().join(format!("stereo-recon-discover-{}", std::process::id()));
-        let a = root.join("a");
-        let b = root.join("nested/b");
-        for dir in [&a, &b] {
-            std::fs::create_dir_all(dir).unwrap();
-        }
-        std::fs::write(a.join("left.png"), b"x").unwrap();
-        std::fs::write(a.join("right.png"), b"x").unwrap();
-        std::fs::write(a.join("disp_gt.pfm"), b"x").unwrap();
-        std::fs::write(a.join("disp_gt.png"), b"x").unwrap();
-        std::fs::write(b.join("left.jpg"), b"x").unwrap();
-        std::fs::write(b.join("right.jpg"), b"x").unwrap();
-        std::fs::write(b.join("pair.json"), br#"{"gt_scale": 4}"#).unwrap();
-        let pairs = discover_pairs(&root).unwrap();
-        assert_eq!(pairs.len(), 2);
-        assert_eq!(pairs[0].name, "a");
-        assert_eq!(pairs[0].ground_truth, Some(a.join("disp_gt.pfm")), "PFM preferred");
-        assert_eq!(pairs[1].name, "b");
-        assert_eq!((pairs[1].ground_truth.clone(), pairs[1].gt_scale), (None, Some(4.0)));
-        assert_eq!(discover_pairs(&a).unwrap().len(), 1, "a pair folder is its own single pair");
-        std::fs::remove_dir_all(&root).ok();
+    fn a_mask_keeps_only_pixels_seen_by_both_views() {
+        let truth = DisparityMap::new(3, 1, vec![1.0, 2.0, 3.0]).unwrap();
+        let mask = image::GrayImage::from_raw(3, 1, vec![255, 128, 0]).unwrap();
+        let mut png = std::io::Cursor::new(Vec::new());
+        mask.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let kept = apply_mask(&truth, png.get_ref()).unwrap();
+        assert_eq!(kept.values(), &[1.0, f32::INFINITY, f32::INFINITY]);
+        let wide = DisparityMap::new(4, 1, vec![1.0; 4]).unwrap();
+        assert!(apply_mask(&wide, png.get_ref()).unwrap_err().contains("3x1"));
     }
 }

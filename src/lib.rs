@@ -18,6 +18,7 @@ pub mod cli;
 pub mod codec;
 #[cfg(feature = "engine")]
 pub mod config;
+pub mod dataset;
 pub mod decode;
 pub mod disparity;
 #[cfg(feature = "engine")]

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Serve(config) => return runtime.block_on(cli::serve(config)),
         Command::Predict(args) => runtime.block_on(cli::predict(args)),
         Command::Eval(args) => runtime.block_on(cli::eval(args)),
+        Command::Batch(args) => runtime.block_on(cli::batch::run(args)),
         Command::RenderSynthetic(args) => cli::render_synthetic(args),
         Command::Healthcheck(args) => stereo_recon::healthcheck::run(&args.check()),
     };

@@ -369,16 +369,24 @@ fn render_posed_view(objects: &[Object], k: &Intrinsics, centre: Vec3, to_world:
 
 /// Renders the scene at `width` x `height`.
 pub fn render(width: u32, height: u32) -> RenderedPair {
+    render_from(width, height, [0.0; 3])
+}
+
+/// Renders the scene with the rig moved to `position` (metres; the left
+/// camera's centre, both cameras still looking down +z): one frame of a
+/// moving-camera sequence, with its exact disparity.
+pub fn render_from(width: u32, height: u32, position: [f64; 3]) -> RenderedPair {
     let objects = scene();
     let k = Intrinsics::for_size(width, height);
-    let left = render_view(&objects, &k, v(0.0, 0.0, 0.0));
-    let right = render_view(&objects, &k, v(BASELINE_M, 0.0, 0.0));
+    let centre = v(position[0], position[1], position[2]);
+    let left = render_view(&objects, &k, centre);
+    let right = render_view(&objects, &k, v(position[0] + BASELINE_M, position[1], position[2]));
     let mut values = Vec::with_capacity(width as usize * height as usize);
     for j in 0..height {
         for i in 0..width {
             let dir = k.ray(f64::from(i), f64::from(j));
             // The ray has z = 1, so its parameter t is the depth Z.
-            let d = cast(&objects, v(0.0, 0.0, 0.0), dir).map_or(f64::INFINITY, |hit| k.fx * BASELINE_M / hit.t);
+            let d = cast(&objects, centre, dir).map_or(f64::INFINITY, |hit| k.fx * BASELINE_M / hit.t);
             values.push(d as f32);
         }
     }

@@ -177,8 +177,9 @@ fn committed_synthetic_data_is_what_the_renderer_produces() {
 /// and its reason instead: there one bf16 pass would take hours.
 #[tokio::test]
 async fn bf16_stays_within_the_accuracy_budget_on_every_pair() {
+    use stereo_recon::dataset::discover;
     use stereo_recon::engine::Precision;
-    use stereo_recon::eval::{decode_ground_truth, discover_pairs, evaluate, DEFAULT_MAXDISP};
+    use stereo_recon::eval::{decode_ground_truth, evaluate, DEFAULT_MAXDISP};
 
     let probe = Engine::start(EngineConfig { precision: Precision::Bf16, ..engine_config(model_path(), 1) }).unwrap();
     if let Err(why) = probe.wait_ready().await {
@@ -192,7 +193,7 @@ async fn bf16_stays_within_the_accuracy_budget_on_every_pair() {
     let mut pairs = Vec::new();
     for root in [repo().join("../shared/stereo"), repo().join("data")] {
         if root.is_dir() {
-            pairs.extend(discover_pairs(&root).unwrap().into_iter().filter(|p| p.ground_truth.is_some()));
+            pairs.extend(discover(&root).unwrap().into_iter().filter(|p| p.ground_truth.is_some()));
         }
     }
     assert!(!pairs.is_empty(), "no pair with ground truth found");

@@ -81,6 +81,18 @@ impl OutputFormat {
         self == OutputFormat::Json || self.needs_calibration()
     }
 
+    /// The file extension of the answer's bytes (what `batch` names its files with).
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Json => "json",
+            OutputFormat::Png16 | OutputFormat::Color | OutputFormat::Depth16 => "png",
+            OutputFormat::Pfm | OutputFormat::Depth | OutputFormat::Uncertainty | OutputFormat::DepthUncertainty => {
+                "pfm"
+            }
+            OutputFormat::Ply => "ply",
+        }
+    }
+
     /// The labels of the formats that need (or do not need) a calibration.
     pub fn labels(with_calibration: bool) -> Vec<&'static str> {
         OutputFormat::ALL.iter().filter(|f| f.needs_calibration() == with_calibration).map(|f| f.label()).collect()

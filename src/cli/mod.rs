@@ -1,6 +1,9 @@
-//! What each subcommand does: `serve`, `predict`, `eval`, `render-synthetic`.
-//! `predict` and `eval` only translate files into pipeline requests and its
-//! outcomes into files and tables.
+//! What each subcommand does: `serve`, `predict`, `eval`, `batch`,
+//! `render-synthetic`. `predict`, `eval` and `batch` only translate files
+//! (and video frames) into pipeline requests and its outcomes into files and
+//! tables.
+
+pub mod batch;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -128,7 +131,7 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
         ..Options::default()
     };
     let pair = read_pair_files(&args.left, &args.right)?;
-    let pipeline = start_pipeline(&args.model).await?;
+    let pipeline = start_pipeline(&args.model, 1).await?;
     let request = Request { pair, ground_truth: None, calibration, options, started: Instant::now(), receiving: None };
     let outcome = pipeline.run(request).await.map_err(|e| e.to_string())?;
     for (format, path) in &outputs {
@@ -142,12 +145,7 @@ pub async fn predict(args: PredictArgs) -> Result<String, String> {
 /// The files `predict` writes, each with its format.
 fn predict_outputs(args: &PredictArgs) -> Result<Vec<(OutputFormat, PathBuf)>, String> {
     let extension = |path: &Path| path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    if args.max_depth.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
-        return Err("--max-depth must be a positive distance".into());
-    }
-    if args.max_uncertainty.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
-        return Err("--max-uncertainty must be a positive number of pixels".into());
-    }
+    check_limits(args.max_depth, args.max_uncertainty)?;
     let main = match extension(&args.output).as_deref() {
         Some("pfm") => OutputFormat::Pfm,
         Some("png") => OutputFormat::Png16,
@@ -228,6 +226,17 @@ fn predict_summary(args: &PredictArgs, outcome: &Outcome) -> String {
     summary
 }
 
+/// `--max-depth` and `--max-uncertainty`, checked as every command takes them.
+fn check_limits(max_depth: Option<f64>, max_uncertainty: Option<f32>) -> Result<(), String> {
+    if max_depth.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+        return Err("--max-depth must be a positive distance".into());
+    }
+    if max_uncertainty.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+        return Err("--max-uncertainty must be a positive number of pixels".into());
+    }
+    Ok(())
+}
+
 /// A calibration file, any format [`crate::calibration::parse`] reads.
 fn read_calibration(path: &Path) -> Result<(Calibration, CalibrationFormat), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -235,9 +244,10 @@ fn read_calibration(path: &Path) -> Result<(Calibration, CalibrationFormat), Str
 }
 
 /// The engine for a command-line run, loaded and warmed, behind a pipeline
-/// without the server's limits (the files are the user's own).
-async fn start_pipeline(model: &crate::config::ModelArgs) -> Result<Pipeline, String> {
-    let engine = Engine::start(model.engine_config(1)).map_err(|e| e.to_string())?;
+/// without the server's limits (the files are the user's own); `in_flight`
+/// pairs may wait for it at once.
+async fn start_pipeline(model: &crate::config::ModelArgs, in_flight: usize) -> Result<Pipeline, String> {
+    let engine = Engine::start(model.engine_config(in_flight)).map_err(|e| e.to_string())?;
     engine.wait_ready().await.map_err(|e| e.to_string())?;
     Ok(Pipeline { engine, budget: UploadBudget::new(u64::MAX), max_pixels: u64::MAX })
 }
@@ -272,16 +282,16 @@ struct PairReport {
 /// `eval`: runs every pair found under the given folders through the
 /// pipeline (with its ground truth and the deviation) and scores it.
 pub async fn eval(args: EvalArgs) -> Result<String, String> {
-    use crate::eval::{discover_pairs, Accumulator, ScoredPixels};
+    use crate::eval::{Accumulator, ScoredPixels};
 
     let mut pairs = Vec::new();
     for dir in &args.dirs {
-        pairs.extend(discover_pairs(dir).map_err(|e| format!("{}: {e}", dir.display()))?);
+        pairs.extend(crate::dataset::discover(dir).map_err(|e| format!("{}: {e}", dir.display()))?);
     }
     if pairs.is_empty() {
-        return Err("no pair folders (with left.* and right.*) found".into());
+        return Err("no stereo pairs found (KITTI, Middlebury, left/ + right/ or pair folders)".into());
     }
-    let pipeline = start_pipeline(&args.model).await?;
+    let pipeline = start_pipeline(&args.model, 1).await?;
     let formats = if args.save.is_some() {
         vec![OutputFormat::Pfm, OutputFormat::Uncertainty, OutputFormat::Color]
     } else {
@@ -315,7 +325,14 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
         let map = &outcome.disparity;
         let sigma =
             outcome.uncertainty.as_ref().ok_or_else(|| format!("{}: the engine gave no uncertainty", files.name))?;
-        let truth = outcome.truth.as_ref();
+        let masked = match (&files.mask, &outcome.truth) {
+            (Some(mask), Some(truth)) => {
+                let bytes = std::fs::read(mask).map_err(|e| format!("{}: {e}", mask.display()))?;
+                Some(crate::eval::apply_mask(truth, &bytes).map_err(|e| format!("{}: {e}", mask.display()))?)
+            }
+            _ => None,
+        };
+        let truth = masked.as_ref().or(outcome.truth.as_ref());
         let metrics = truth.map(|truth| {
             let mut acc = Accumulator::default();
             acc.add(map, truth, args.maxdisp);
