@@ -2,9 +2,10 @@
 #
 # stereo-recon: PSMNet disparity service on libtorch 2.11.0 (CUDA 13 or CPU).
 #
-#   docker build -t stereo-recon .
+#   docker build -t stereo-recon .                       # or: podman build --format docker
 #   docker run --gpus all -p 5000:5000 stereo-recon      # GPU (NVIDIA container toolkit)
 #   docker run -p 5000:5000 stereo-recon                 # same image, CPU
+#   docker run --rm -v "$PWD:/data" stereo-recon batch /data/in --out /data/out
 #
 # The builder compiles the release binary and exports the TorchScript model with
 # the same Makefile targets the README uses, then `.ci/bundle.sh` assembles the
@@ -60,23 +61,29 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM ${RUNTIME_IMAGE} AS runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# A numeric user (Kubernetes' runAsNonRoot can verify it); no packages are added:
-# the health check is the binary's own `healthcheck` subcommand, not curl.
-RUN groupadd --system --gid 10001 stereo \
+# One package: the ffmpeg program, through which `stereo-recon batch` reads and writes
+# stereo videos (a pipe of raw frames). A numeric user (Kubernetes' runAsNonRoot can
+# verify it). The health check is the binary's own `healthcheck` subcommand, not curl.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ffmpeg \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 stereo \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin stereo
 
 # bin/, lib/ (libtorch + CUDA/cuDNN user-space libraries), models/, static/, data/,
 # all owned by root and read-only to the server's user. One COPY per part, largest
 # and steadiest first: bundle.sh gives lib/ the timestamps of the wheel's files, so
 # a source change leaves the 3.5 GB lib/ layer byte-identical (nothing to push or
-# pull again) and only the binary's layer changes. --link keeps each layer
-# independent of the ones below it.
-COPY --link --from=builder /opt/stereo-recon/lib /opt/stereo-recon/lib
-COPY --link --from=builder /opt/stereo-recon/models /opt/stereo-recon/models
-COPY --link --from=builder /opt/stereo-recon/static /opt/stereo-recon/static
-COPY --link --from=builder /opt/stereo-recon/data /opt/stereo-recon/data
-COPY --link --from=builder /opt/stereo-recon/MANIFEST /opt/stereo-recon/MANIFEST
-COPY --link --from=builder /opt/stereo-recon/bin /opt/stereo-recon/bin
+# pull again) and only the binary's layer changes. Plain COPY (no --link): buildah
+# 1.28 (Debian 12's podman 4.3) accepts only --chmod, --chown and --from, and the
+# byte-identical layer does not need it.
+COPY --from=builder /opt/stereo-recon/lib /opt/stereo-recon/lib
+COPY --from=builder /opt/stereo-recon/models /opt/stereo-recon/models
+COPY --from=builder /opt/stereo-recon/static /opt/stereo-recon/static
+COPY --from=builder /opt/stereo-recon/data /opt/stereo-recon/data
+COPY --from=builder /opt/stereo-recon/MANIFEST /opt/stereo-recon/MANIFEST
+COPY --from=builder /opt/stereo-recon/bin /opt/stereo-recon/bin
 
 WORKDIR /opt/stereo-recon
 # The binary's RUNPATH is already $ORIGIN/../lib; LD_LIBRARY_PATH also covers the

@@ -29,8 +29,19 @@ export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
+# $(call apt_install,FILE,PACKAGES,WHY): Debian packages installed (as root, or with
+# passwordless sudo) unless FILE is already there.
+define apt_install
+if [ -e $(1) ]; then exit 0; fi; \
+echo "installing Debian's $(2): $(3)"; \
+if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else \
+	echo "$(3): install $(2) as root" >&2; exit 1; fi; \
+$$SUDO apt-get update -qq; \
+DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(2) >/dev/null
+endef
+
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps load fuzz fuzz-calibration bench bench-request flood tools clients client-deps lint-docker bundle image
+	browser-deps video-deps bench-batch load fuzz fuzz-calibration bench bench-request flood tools clients client-deps lint-docker bundle image
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -39,14 +50,17 @@ help:
 	@echo "make accuracy / make parity   EPE/D1 table; Rust vs eager PyTorch (uses $(SHARED) if present)"
 	@echo "make load    60 s load test;  make fuzz   5 min of libFuzzer on the upload decoder"
 	@echo "make bench-request   decode/encode phases per format at KITTI size and 512x384"
+	@echo "make bench-batch     batch vs one predict per pair vs a sequential loop, engine busy %"
 	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...)"
 	@echo "make bundle  the Docker image's runtime layout in target/bundle;  make image  docker build"
 	@echo "Downloads are cached in $(CACHE)."
 
+# ffmpeg is only needed for videos: `make run` goes on without it where it cannot be installed.
 run: model release
+	-@$(MAKE) --no-print-directory video-deps
 	./target/release/stereo-recon serve $(ARGS)
 
-test: model parity-fixtures browser-deps tools clients
+test: model parity-fixtures browser-deps video-deps tools clients
 	hadolint Dockerfile
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
@@ -100,12 +114,7 @@ $(VENV)/.clients: Makefile | $(VENV)/.installed
 	echo "$(CLIENTS)" > $@
 
 client-deps:
-	@if [ -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ]; then exit 0; fi; \
-	echo "installing Debian's libb64-0d for perf_analyzer"; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else \
-		echo "perf_analyzer needs libb64-0d: install it as root" >&2; exit 1; fi; \
-	$$SUDO apt-get update -qq; \
-	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libb64-0d >/dev/null
+	@$(call apt_install,/usr/lib/x86_64-linux-gnu/libb64.so.0d,libb64-0d,perf_analyzer needs Debian's libb64-0d)
 
 lint-docker: tools
 	hadolint Dockerfile
@@ -122,14 +131,12 @@ image:
 
 # Debian's Chromium and chromedriver for tests/browser.rs (installed only when missing).
 browser-deps:
-	@if { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || [ -n "$${STEREO_RECON_CHROMEDRIVER:-}" ]; then \
-		exit 0; \
-	fi; \
-	echo "installing Debian's chromium and chromium-driver for the browser test"; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else \
-		echo "the browser test needs chromium and chromium-driver: install them as root" >&2; exit 1; fi; \
-	$$SUDO apt-get update -qq; \
-	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+	@if [ -n "$${STEREO_RECON_CHROMEDRIVER:-}" ]; then exit 0; fi; \
+	$(call apt_install,/usr/bin/chromedriver,chromium chromium-driver,the browser test needs chromium and chromium-driver)
+
+# The ffmpeg program (with ffprobe): `batch` reads and writes stereo videos through it.
+video-deps:
+	@$(call apt_install,/usr/bin/ffmpeg,ffmpeg,videos need the ffmpeg program)
 
 # Load test against the release binary (docs/robustness.md); options after --.
 LOAD_ARGS ?= --clients 8 --seconds 60 --queue-depth 2 --json target/load-report.json
@@ -152,6 +159,11 @@ flood: model
 REQUEST_BENCH_ARGS ?= --json target/bench-request.json
 bench-request: model
 	cargo bench --locked --bench request -- $(REQUEST_BENCH_ARGS)
+
+# `batch` on 20 pairs against 20 `predict` calls and a strictly sequential run (docs/datasets.md).
+BATCH_BENCH_ARGS ?= --pairs 20 --json target/bench-batch.json
+bench-batch: model release
+	cargo bench --locked --bench batch -- --binary target/release/stereo-recon --model $(MODEL) $(BATCH_BENCH_ARGS)
 
 # Fuzz the upload decode/validate path with libFuzzer (cargo install cargo-fuzz).
 # RUSTC_BOOTSTRAP lets the stable toolchain take the -Z flags cargo-fuzz passes.

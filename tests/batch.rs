@@ -391,3 +391,48 @@ fn bad_options_and_a_missing_ffmpeg_are_told_before_any_work() {
     assert!(!ok && stderr.contains("ffprobe") && stderr.contains("apt-get install ffmpeg"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn eval_scores_kitti_and_middlebury_folders_in_one_call() {
+    let dir = scratch("eval");
+    // KITTI: a plane 6 px away everywhere, its ground truth in disp_occ_0/ (16-bit PNG).
+    let (left, right) = shifted_pair(96, 64, 6);
+    save(&left, &dir.join("kitti/image_2/000000_10.png"));
+    save(&right, &dir.join("kitti/image_3/000000_10.png"));
+    let truth = stereo_recon::disparity::DisparityMap::new(96, 64, vec![6.0; 96 * 64]).unwrap();
+    std::fs::create_dir_all(dir.join("kitti/disp_occ_0")).unwrap();
+    std::fs::write(dir.join("kitti/disp_occ_0/000000_10.png"), stereo_recon::codec::kitti::encode_png16(&truth))
+        .unwrap();
+    // Middlebury: the room, scored only where mask0nocc.png is 255 (its left half here).
+    let scene = small_scene();
+    let room = dir.join("middlebury/Room");
+    std::fs::create_dir_all(&room).unwrap();
+    std::fs::write(room.join("im0.png"), &scene.left).unwrap();
+    std::fs::write(room.join("im1.png"), &scene.right).unwrap();
+    std::fs::write(room.join("disp0GT.pfm"), stereo_recon::codec::pfm::encode(&scene.truth)).unwrap();
+    let mask = image::GrayImage::from_fn(256, 192, |x, _| image::Luma([if x < 128 { 255 } else { 128 }]));
+    mask.save(room.join("mask0nocc.png")).unwrap();
+
+    let output = Command::new(BIN)
+        .args(["eval", "--json", "--device", "cpu", "--model"])
+        .arg(model_path())
+        .arg(dir.join("kitti"))
+        .arg(dir.join("middlebury"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let pairs = report["pairs"].as_array().unwrap();
+    assert_eq!(pairs.iter().map(|p| p["name"].as_str().unwrap()).collect::<Vec<_>>(), ["000000_10", "Room"]);
+    assert_eq!(pairs[0]["metrics"]["valid_pixels"], 96 * 64);
+    let seen_left_half = scene
+        .truth
+        .values()
+        .chunks(256)
+        .flat_map(|row| &row[..128])
+        .filter(|t| t.is_finite() && **t > 0.0 && **t < 192.0)
+        .count();
+    assert_eq!(pairs[1]["metrics"]["valid_pixels"].as_u64(), Some(seen_left_half as u64), "the mask is applied");
+    assert!(pairs[1]["metrics"]["epe"].as_f64().unwrap() < 2.0, "{}", pairs[1]);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -17,7 +17,8 @@ const KUBERNETES_VERSION: &str = "1.34.0";
 #[test]
 fn manifests_validate_against_the_pinned_kubernetes_schemas() {
     let dir = repo().join("deploy/kubernetes");
-    let files = ["deployment.yaml", "service.yaml", "pdb.yaml", "hpa.yaml", "prometheus-adapter-rules.yaml"];
+    let files =
+        ["deployment.yaml", "service.yaml", "pdb.yaml", "hpa.yaml", "prometheus-adapter-rules.yaml", "batch-job.yaml"];
     let output = std::process::Command::new(venv_tool("kubernetes-validate"))
         .args(["--strict", "-k", KUBERNETES_VERSION])
         .args(files.iter().map(|f| dir.join(f)))
@@ -101,4 +102,62 @@ async fn manifests_agree_with_the_server_and_the_image() {
     // Selectors pick the pods.
     assert_eq!(facts["service_selector"], facts["pod_labels"]);
     assert_eq!(facts["pdb_selector"], facts["pod_labels"]);
+}
+
+/// The batch Job: pod k's arguments parse as `batch --shard k/N` with N the
+/// number of completions, over the mounted volume, and its pods are nobody's
+/// serving endpoints.
+#[test]
+fn the_indexed_job_runs_one_shard_per_pod() {
+    use stereo_recon::config::Shard;
+    let output = std::process::Command::new(venv_tool("python"))
+        .arg(repo().join("tests/clients/manifest_facts.py"))
+        .arg(repo().join("deploy/kubernetes"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let facts: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let job = &facts["job"];
+    assert_eq!(job["mode"], "Indexed");
+    let completions = job["completions"].as_u64().unwrap();
+    assert_eq!(job["parallelism"].as_u64(), Some(completions));
+    assert_eq!(job["index_env"], serde_json::json!(["JOB_COMPLETION_INDEX"]));
+    let args: Vec<String> = serde_json::from_value(job["args"].clone()).unwrap();
+    let mut shards = Vec::new();
+    for index in 0..completions {
+        // What Kubernetes does with $(VAR) in args, from the pod's environment.
+        let expanded = args.iter().map(|a| a.replace("$(JOB_COMPLETION_INDEX)", &index.to_string()));
+        let cli =
+            Cli::try_parse_from(std::iter::once("stereo-recon".to_owned()).chain(expanded)).expect("the args parse");
+        let Command::Batch(batch) = cli.command else { panic!("not batch") };
+        assert_eq!(batch.shard, Shard { index, count: completions }, "pod {index}");
+        let mounts: Vec<&str> = job["mounts"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+        for path in batch.inputs.iter().chain([&batch.out]) {
+            assert!(mounts.iter().any(|m| path.starts_with(m)), "{} is on no volume", path.display());
+        }
+        shards.push(batch.shard);
+    }
+    // Every pair k lands in exactly one pod's slice.
+    for k in 0..1000 {
+        assert_eq!(shards.iter().filter(|s| s.takes(k)).count(), 1, "pair {k}");
+    }
+    assert_ne!(job["pod_labels"], facts["service_selector"], "the Service must not route to batch pods");
+    assert_eq!(job["pod_security"]["runAsUser"], 10001);
+    assert_eq!(job["container_security"]["readOnlyRootFilesystem"], true);
+}
+
+/// The Dockerfile builds with Docker BuildKit and with Debian 12's buildah
+/// 1.28 (podman 4.3), whose COPY takes only --chmod, --chown and --from.
+#[test]
+fn the_dockerfile_uses_only_flags_old_buildah_knows() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") || l.starts_with("ADD ")) {
+        for flag in line.split_whitespace().skip(1).take_while(|w| w.starts_with("--")) {
+            let name = flag.split('=').next().unwrap();
+            assert!(["--chmod", "--chown", "--from"].contains(&name), "{line}: buildah 1.28 rejects {name}");
+        }
+    }
+    // The runtime stage carries the ffmpeg program that `batch` reads videos with.
+    let runtime = dockerfile.split("AS runtime").nth(1).expect("a runtime stage");
+    assert!(runtime.contains("apt-get install -y --no-install-recommends ffmpeg"), "ffmpeg in the image");
 }

@@ -24,6 +24,8 @@ probes = {
 rule = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["rules"][0]
 isvc = docs["InferenceService"]["spec"]["predictor"]
 isvc_container = isvc["containers"][0]
+job = docs["Job"]["spec"]
+job_container = job["template"]["spec"]["containers"][0]
 print(json.dumps({
     "container_port": port_names["http"],
     "args": container["args"],
@@ -46,4 +48,15 @@ print(json.dumps({
     "isvc_args": isvc_container["args"],
     "isvc_port": isvc_container["ports"][0]["containerPort"],
     "isvc_probe": isvc_container["readinessProbe"]["httpGet"]["path"],
+    "job": {
+        "mode": job["completionMode"],
+        "completions": job["completions"],
+        "parallelism": job["parallelism"],
+        "args": job_container["args"],
+        "index_env": [e["name"] for e in job_container["env"] if "valueFrom" in e],
+        "pod_labels": job["template"]["metadata"]["labels"],
+        "mounts": [m["mountPath"] for m in job_container["volumeMounts"]],
+        "pod_security": job["template"]["spec"]["securityContext"],
+        "container_security": job_container["securityContext"],
+    },
 }))
