@@ -61,7 +61,6 @@ pub async fn run(args: BatchArgs) -> Result<String, String> {
         return Ok(report::listing(&plan, &needs, args.json));
     }
     let pipeline = if needs.iter().any(|n| *n) {
-        crate::pipeline::pool::init(0);
         Some(super::start_pipeline(&args.model, settings.pipeline_depth).await?)
     } else {
         None
@@ -99,7 +98,7 @@ pub async fn run(args: BatchArgs) -> Result<String, String> {
                 None => vec![0; writer.frame_len()],
             };
             if let Err(e) = writer.push(&rgb).await {
-                report_video_failure(&mut report, &plan, e.to_string());
+                report.video_failed(writer.path(), e.to_string());
                 video.take().expect("a writer").abandon().await;
             }
         }
@@ -167,12 +166,6 @@ fn start_video(plan: &Plan, needs: &[bool]) -> Result<Option<VideoWriter>, Strin
     };
     let fps = info.fps / plan.settings.pick.every as f64;
     VideoWriter::create(path, width, height, fps).map(Some).map_err(|e| e.to_string())
-}
-
-fn report_video_failure(report: &mut Report, plan: &Plan, reason: String) {
-    let path = plan.settings.video_out.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    let item = Item { input: 0, name: path.clone(), what: ItemSource::Frame(0) };
-    report.pair_failed(&item, &path, reason);
 }
 
 /// Takes one entry to its end: files written and reported. Returns the

@@ -103,17 +103,30 @@ impl Report {
         self.done += 1;
         self.inference_ms += timings.inference_ms;
         self.last_finished = Some(Instant::now());
-        self.show(item, input, PairStatus::Done, None, files, Some(timings));
+        self.show(&item.name, input, PairStatus::Done, None, files, Some(timings));
     }
 
     pub fn pair_skipped(&mut self, item: &Item, input: &str) {
         self.skipped += 1;
-        self.show(item, input, PairStatus::Skipped, None, &[], None);
+        self.show(&item.name, input, PairStatus::Skipped, None, &[], None);
     }
 
     pub fn pair_failed(&mut self, item: &Item, input: &str, reason: String) {
-        self.show(item, input, PairStatus::Failed, Some(&reason), &[], None);
-        self.failures.push(Failure { pair: item.name.clone(), input: input.to_owned(), reason });
+        self.show(&item.name, input, PairStatus::Failed, Some(&reason), &[], None);
+        self.add_failure(item.name.clone(), input, reason);
+    }
+
+    /// A failure that is no pair's: the colour video could not be written.
+    pub fn video_failed(&mut self, path: &Path, reason: String) {
+        let name = path.display().to_string();
+        if let Display::Bar(bar) = &self.display {
+            bar.println(format!("failed: {name}: {reason}"));
+        }
+        self.add_failure(name.clone(), &name, reason);
+    }
+
+    fn add_failure(&mut self, pair: String, input: &str, reason: String) {
+        self.failures.push(Failure { pair, input: input.to_owned(), reason });
         if let Display::Bar(bar) = &self.display {
             bar.set_message(format!("{} failed", self.failures.len()));
         }
@@ -121,7 +134,7 @@ impl Report {
 
     fn show(
         &self,
-        item: &Item,
+        name: &str,
         input: &str,
         status: PairStatus,
         reason: Option<&str>,
@@ -131,12 +144,12 @@ impl Report {
         match &self.display {
             Display::Bar(bar) => {
                 if let Some(reason) = reason {
-                    bar.println(format!("failed: {}: {reason}", item.name));
+                    bar.println(format!("failed: {name}: {reason}"));
                 }
                 bar.inc(1);
             }
             Display::JsonLines => {
-                let line = PairLine { pair: &item.name, input, status, reason, files, timings_ms: timings };
+                let line = PairLine { pair: name, input, status, reason, files, timings_ms: timings };
                 println!("{}", serde_json::to_string(&line).expect("a pair line serialises"));
             }
             Display::Quiet => {}

@@ -312,6 +312,11 @@ impl VideoWriter {
         Ok(VideoWriter { child, stdin, partial, path: path.to_owned(), size: (width, height) })
     }
 
+    /// Where the finished video goes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Bytes of one RGB frame of the video.
     pub fn frame_len(&self) -> usize {
         self.size.0 as usize * self.size.1 as usize * 3

@@ -1,0 +1,160 @@
+"""Our network on the CPU runtimes a user could take instead of ours, in one run.
+
+The same BN-folded PSMNet (models/psmnet.py, the official KITTI 2015 weights)
+is exported to ONNX (opset 17, one file per input size: the cost volume's
+loop is unrolled at export) and checked against eager PyTorch; then, at each
+size, these are timed round-robin (one pass of each per round, so a slow
+spell of the machine weighs on all of them), fp32, the same thread count:
+
+  eager PyTorch | TorchScript (our exported .pt, from Python) |
+  ONNX Runtime (CPU provider) | OpenVINO (CPU) | our Rust engine
+
+The Rust engine runs in its own process (`speed` bench, `--engine-only`),
+called once per round between the others. Prints a table (median seconds,
+ratio to the fastest peer, max |difference| from eager) and writes JSON.
+
+Usage (what `make bench-peers` runs):
+  python models/peers.py --checkpoint CKPT --model models/psmnet_kitti2015.pt \
+      --sizes 384x512,384x1248 --rounds 4 --threads 2 --json target/bench-peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import psmnet
+from reference import load_model
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def export_onnx(model: torch.nn.Module, height: int, width: int, path: Path) -> None:
+    left = torch.zeros(1, 3, height, width)
+    torch.onnx.export(model, (left, left), str(path), opset_version=17, input_names=["left", "right"],
+                      output_names=["disparity"], dynamo=False)
+
+
+class Runner:
+    """One runtime: `run()` gives the disparity of the bench pair (numpy, (H, W))."""
+
+    def __init__(self, name: str, run):
+        self.name = name
+        self.run = run
+        self.seconds: list[float] = []
+        self.output: np.ndarray | None = None
+
+    def time_once(self) -> None:
+        started = time.perf_counter()
+        out = self.run()
+        self.seconds.append(time.perf_counter() - started)
+        if out is not None:
+            self.output = np.asarray(out).reshape(np.asarray(out).shape[-2:])
+
+
+def rust_runner(args, height: int, width: int, workdir: Path) -> Runner:
+    """The Rust engine alone, one pass per call, timed by itself (its own process)."""
+    out = workdir / f"rust-{height}x{width}.json"
+
+    def run():
+        subprocess.run(args.rust_cmd + ["--engine-only", "--size", f"{height}x{width}", "--iters", "1",
+                                        "--threads", str(args.threads), "--model", str(args.model),
+                                        "--json", str(out)], check=True, capture_output=True)
+        report = json.loads(out.read_text())
+        runner.seconds.append(report["engine_seconds"][-1])
+        return None
+
+    runner = Runner("our Rust engine", run)
+    runner.time_once = run  # the process reports its own engine time
+    return runner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=Path("models/psmnet_kitti2015.pt"))
+    parser.add_argument("--sizes", default="384x512,384x1248")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rust-cmd", default="cargo bench --locked --bench speed --")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.rust_cmd = args.rust_cmd.split()
+
+    import onnxruntime as ort
+    import openvino as ov
+
+    torch.set_num_threads(args.threads)
+    eager = psmnet.fold_batchnorm(load_model(args.checkpoint))
+    scripted = torch.jit.load(str(args.model), map_location="cpu").eval()
+    core = ov.Core()
+    report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "onnxruntime": ort.__version__,
+              "openvino": ov.__version__, "date": time.strftime("%Y-%m-%d"), "sizes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for size in args.sizes.split(","):
+            height, width = (int(v) for v in size.split("x"))
+            g = torch.Generator().manual_seed(0)
+            left = torch.randn(1, 3, height, width, generator=g)
+            right = torch.roll(left, shifts=-7, dims=3)
+            onnx_path = workdir / f"psmnet-{height}x{width}.onnx"
+            export_onnx(eager, height, width, onnx_path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            compiled = core.compile_model(str(onnx_path), "CPU", {"INFERENCE_NUM_THREADS": args.threads,
+                                                                  "INFERENCE_PRECISION_HINT": "f32"})
+            feeds = {"left": left.numpy(), "right": right.numpy()}
+            with torch.no_grad():
+                runners = [
+                    Runner("eager PyTorch", lambda: eager(left, right).numpy()),
+                    Runner("TorchScript (from Python)", lambda: scripted(left, right).numpy()),
+                    Runner("ONNX Runtime, CPU", lambda: session.run(None, feeds)[0]),
+                    Runner("OpenVINO, CPU", lambda: compiled(feeds)[0]),
+                    rust_runner(args, height, width, workdir),
+                ]
+                for r in runners:  # one untimed pass each: allocations, kernel choice
+                    r.time_once()
+                    r.seconds.clear()
+                for _ in range(args.rounds):
+                    for r in runners:
+                        r.time_once()
+            reference = runners[0].output
+            rows = []
+            for r in runners:
+                diff = None if r.output is None else float(np.abs(r.output - reference).max())
+                rows.append({"runtime": r.name, "median_s": statistics.median(r.seconds), "seconds": r.seconds,
+                             "max_diff_px": diff})
+            peers = [row for row in rows if row["runtime"] != "our Rust engine"]
+            fastest = min(peers, key=lambda row: row["median_s"])
+            print(f"\n{height}x{width}, fp32, {args.threads} threads, {args.rounds} rounds, {report['cpu']}")
+            print("| runtime | median s | vs fastest peer | max diff from eager px |")
+            print("|---|---|---|---|")
+            for row in rows:
+                ratio = fastest["median_s"] / row["median_s"]
+                diff = "-" if row["max_diff_px"] is None else f"{row['max_diff_px']:.1e}"
+                print(f"| {row['runtime']} | {row['median_s']:.2f} | {ratio:.2f}x | {diff} |")
+            report["sizes"][size] = {"rows": rows, "fastest_peer": fastest["runtime"]}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
