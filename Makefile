@@ -41,7 +41,7 @@ DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(2) >/dev/null
 endef
 
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps video-deps bench-batch load fuzz fuzz-calibration bench bench-request flood tools clients client-deps lint-docker bundle image
+	browser-deps video-deps bench-batch bench-peers load fuzz fuzz-calibration bench bench-request flood tools clients client-deps lint-docker bundle image
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -50,6 +50,7 @@ help:
 	@echo "make accuracy / make parity   EPE/D1 table; Rust vs eager PyTorch (uses $(SHARED) if present)"
 	@echo "make load    60 s load test;  make fuzz   5 min of libFuzzer on the upload decoder"
 	@echo "make bench-request   decode/encode phases per format at KITTI size and 512x384"
+	@echo "make bench-peers     our network on ONNX Runtime and OpenVINO vs eager, TorchScript, our engine (CPU)"
 	@echo "make bench-batch     batch vs one predict per pair vs a sequential loop, engine busy %"
 	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...)"
 	@echo "make bundle  the Docker image's runtime layout in target/bundle;  make image  docker build"
@@ -159,6 +160,15 @@ flood: model
 REQUEST_BENCH_ARGS ?= --json target/bench-request.json
 bench-request: model
 	cargo bench --locked --bench request -- $(REQUEST_BENCH_ARGS)
+
+# Our network on ONNX Runtime and OpenVINO beside eager, TorchScript and our engine (docs/performance.md).
+PEERS_ARGS ?= --sizes 384x512,384x1248 --rounds 4 --threads 2 --json target/bench-peers.json
+bench-peers: model $(VENV)/.peers
+	$(PYTHON) models/peers.py --checkpoint $(WEIGHTS) --model $(MODEL) $(PEERS_ARGS)
+
+$(VENV)/.peers: models/requirements-peers.txt | $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet -r models/requirements-peers.txt
+	touch $@
 
 # `batch` on 20 pairs against 20 `predict` calls and a strictly sequential run (docs/datasets.md).
 BATCH_BENCH_ARGS ?= --pairs 20 --json target/bench-batch.json

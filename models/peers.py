@@ -9,8 +9,9 @@ spell of the machine weighs on all of them), fp32, the same thread count:
   eager PyTorch | TorchScript (our exported .pt, from Python) |
   ONNX Runtime (CPU provider) | OpenVINO (CPU) | our Rust engine
 
-The Rust engine runs in its own process (`speed` bench, `--engine-only`),
-called once per round between the others. Prints a table (median seconds,
+The Rust engine runs right after, in its own process (the `speed` bench
+without HTTP: its own warm-up, then the same number of timed passes; its
+median is the engine thread's). Prints a table (median seconds,
 ratio to the fastest peer, max |difference| from eager) and writes JSON.
 
 Usage (what `make bench-peers` runs):
@@ -67,21 +68,15 @@ class Runner:
             self.output = np.asarray(out).reshape(np.asarray(out).shape[-2:])
 
 
-def rust_runner(args, height: int, width: int, workdir: Path) -> Runner:
-    """The Rust engine alone, one pass per call, timed by itself (its own process)."""
+def rust_engine_seconds(args, height: int, width: int, workdir: Path) -> list[float]:
+    """The Rust engine alone (the `speed` bench without HTTP): its own untimed
+    warm-up passes, then `rounds` timed ones; seconds per pass on the engine thread."""
     out = workdir / f"rust-{height}x{width}.json"
-
-    def run():
-        subprocess.run(args.rust_cmd + ["--engine-only", "--size", f"{height}x{width}", "--iters", "1",
-                                        "--threads", str(args.threads), "--model", str(args.model),
-                                        "--json", str(out)], check=True, capture_output=True)
-        report = json.loads(out.read_text())
-        runner.seconds.append(report["engine_seconds"][-1])
-        return None
-
-    runner = Runner("our Rust engine", run)
-    runner.time_once = run  # the process reports its own engine time
-    return runner
+    subprocess.run(args.rust_cmd + ["--device", "cpu", "--size", f"{height}x{width}", "--iters", str(args.rounds),
+                                    "--clients", "", "--model", str(args.model), "--json", str(out)],
+                   check=True, capture_output=True)
+    engine = json.loads(out.read_text())["rust_engine"]["engine_thread_ms"]
+    return [engine["p50"] / 1000.0] * engine["n"]
 
 
 def main() -> None:
@@ -91,7 +86,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="384x512,384x1248")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--rust-cmd", default="cargo bench --locked --bench speed --")
+    parser.add_argument("--rust-cmd", default="cargo bench --locked --bench speed --",
+                        help="the speed bench's command (its engine uses every core)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.rust_cmd = args.rust_cmd.split()
@@ -127,7 +123,6 @@ def main() -> None:
                     Runner("TorchScript (from Python)", lambda: scripted(left, right).numpy()),
                     Runner("ONNX Runtime, CPU", lambda: session.run(None, feeds)[0]),
                     Runner("OpenVINO, CPU", lambda: compiled(feeds)[0]),
-                    rust_runner(args, height, width, workdir),
                 ]
                 for r in runners:  # one untimed pass each: allocations, kernel choice
                     r.time_once()
@@ -135,6 +130,10 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for r in runners:
                         r.time_once()
+            # Right after the round-robin, in its own process (it loads and warms its model once).
+            rust = Runner("our Rust engine", None)
+            rust.seconds = rust_engine_seconds(args, height, width, workdir)
+            runners.append(rust)
             reference = runners[0].output
             rows = []
             for r in runners:
