@@ -35,8 +35,9 @@ def torch_group(name: str, shapes: list) -> str:
     if name in ("aten::_softmax", "aten::softmax"):
         return "softmax"
     if name in ("aten::convolution", "aten::_convolution", "aten::mkldnn_convolution", "aten::conv2d",
-                "aten::conv3d", "aten::conv_transpose3d", "aten::relu_", "aten::relu", "aten::add", "aten::add_",
-                "aten::leaky_relu"):
+                "aten::conv3d", "aten::conv_transpose3d", "aten::slow_conv3d_forward",
+                "aten::slow_conv_transpose3d", "aten::relu_", "aten::relu", "aten::add", "aten::add_",
+                "aten::leaky_relu", "aten::clamp_min", "aten::clamp_min_"):
         return "3D hourglasses" if rank == 5 else "feature extraction"
     if name in ("aten::avg_pool2d", "aten::upsample_bilinear2d", "aten::cat"):
         return "feature extraction" if rank == 4 else "cost volume"
