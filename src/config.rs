@@ -181,6 +181,14 @@ pub struct Config {
     /// The page's own origin always may; other origins are refused with 403.
     #[arg(long, env = "STEREO_RECON_CORS_ALLOW_ORIGIN", value_delimiter = ',', num_args = 0..)]
     pub cors_allow_origin: Vec<String>,
+    /// Require `Authorization: Bearer KEY` on every route but health, readiness, metrics and the
+    /// page's own files (comma-separated for several keys; at least 16 characters each). Prefer
+    /// --api-key-file, which keeps keys out of process listings. Off by default.
+    #[arg(long = "api-key", env = "STEREO_RECON_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one a line (blank lines and # comments skipped), added to --api-key.
+    #[arg(long, env = "STEREO_RECON_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// Open connections at most. At the cap a new connection closes the oldest one that has no
     /// request in progress (slow or idle); only when all are busy is it refused with 503.
     /// Keep it under the process's open-files limit (`ulimit -n`).

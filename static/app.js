@@ -9,8 +9,10 @@
 // - trust.js: the "hide less certain pixels" slider (masks, point cloud, no request)
 // - depth.js: depth, camera and measuring; cloud.js: the point cloud and its PLY
 // - viewer.js: the WebGL point viewer (our own few lines, no library)
+// - api.js: API calls with the server's key, asked for once when it needs one
 
 import { $, errorMessage, hideError, showError } from "./js/dom.js";
+import { apiFetch } from "./js/api.js";
 import { drawColorbar } from "./js/colormap.js";
 import { chosen, setBusy, setCalibration, setGroundTruth, setImage, wireDropZone } from "./js/inputs.js";
 import { showResult, wireHover } from "./js/results.js";
@@ -55,7 +57,7 @@ async function compute() {
     if (maxDepth) url += `&max_depth=${encodeURIComponent(maxDepth)}`;
   }
   try {
-    const response = await fetch(url, {
+    const response = await apiFetch(url, {
       method: "POST",
       body: form,
     });
@@ -74,7 +76,7 @@ async function compute() {
 async function loadExample() {
   hideError();
   try {
-    const list = await fetch("/api/v1/examples").then((r) => r.json());
+    const list = await apiFetch("/api/v1/examples").then((r) => r.json());
     if (!list.examples.length) {
       showError("This server has no example pairs in its data folder.");
       return;

@@ -210,3 +210,56 @@ async fn a_range_past_the_end_of_a_file_answers_json() {
     assert_eq!(reply.header("content-type"), "application/json");
     assert_eq!(reply.error_code(), "range_not_satisfiable");
 }
+
+/// With `--api-key`, every API route needs `Authorization: Bearer KEY` (401 in
+/// each protocol's error shape otherwise, counted like every refusal); probes,
+/// metrics and the page stay open; any of several keys works.
+#[tokio::test]
+async fn api_keys_guard_every_api_route_but_probes_metrics_and_the_page() {
+    use stereo_recon::api::auth::ApiKeys;
+    let mut state = state(failed_engine().await, DEFAULT_LIMITS);
+    state.api_keys = ApiKeys::load(&["first-key-0123456789".into(), "second-key-0123456789".into()], None).unwrap();
+    let app = stereo_recon::router(state);
+    let with = |uri: &str, authorization: Option<&str>| {
+        let mut request = Request::get(uri);
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        request.body(Body::empty()).unwrap()
+    };
+
+    let reply = send(&app, with("/api/v1/model", None)).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.error_code(), "unauthorized");
+    assert!(reply.json()["error"]["message"].as_str().unwrap().contains("Authorization: Bearer"));
+    assert!(reply.json()["error"]["request_id"].is_string());
+    assert_eq!(reply.header("www-authenticate"), "Bearer realm=\"stereo-recon\"");
+    let reply = send(&app, with("/api/v1/model", Some("Bearer first-key-012345678"))).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.json()["error"]["message"].as_str().unwrap().contains("not valid"));
+    assert!(!String::from_utf8_lossy(&reply.body).contains("first-key"), "a key is never echoed");
+    for key in ["Bearer first-key-0123456789", "bearer second-key-0123456789"] {
+        assert_ne!(send(&app, with("/api/v1/model", Some(key))).await.status, StatusCode::UNAUTHORIZED, "{key}");
+    }
+    // The Open Inference Protocol answers in its own shape.
+    let reply = send(&app, with("/v2/models/psmnet-kitti2015", Some("Basic Zm9vOmJhcg=="))).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.json()["error"].is_string(), "{}", reply.json());
+    // An upload is refused before its body matters.
+    let reply = send(&app, multipart_request("/api/v1/disparity", &[("left", b"x"), ("right", b"y")])).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+
+    for open in ["/api/v1/health", "/v2/health/live", "/v2/health/ready", "/metrics", "/", "/static/app.js"] {
+        assert_ne!(send(&app, with(open, None)).await.status, StatusCode::UNAUTHORIZED, "{open}");
+    }
+    let metrics = String::from_utf8(send(&app, with("/metrics", None)).await.body.to_vec()).unwrap();
+    assert!(metrics.contains("stereo_recon_rejected_total{reason=\"unauthorized\"} 4"), "{metrics}");
+
+    // Without keys (the default) nothing asks for one.
+    let open = app_without_keys().await;
+    assert_ne!(send(&open, with("/api/v1/model", None)).await.status, StatusCode::UNAUTHORIZED);
+}
+
+async fn app_without_keys() -> axum::Router {
+    app(failed_engine().await)
+}

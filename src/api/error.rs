@@ -65,6 +65,7 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("upload_budget_full", 503, "the memory budget for uploads is taken (Retry-After)"),
     ("too_many_connections", 503, "every connection is busy (sent by the connection layer, Retry-After)"),
     ("unsupported_transfer_coding", 501, "a Transfer-Encoding other than chunked"),
+    ("unauthorized", 401, "no API key, or not one of the server's (--api-key); the answer says which"),
     ("cross_origin_forbidden", 403, "a browser page of another origin, not in --cors-allow-origin"),
     ("not_found", 404, "no such route or file"),
     ("method_not_allowed", 405, "the route exists but not for this method"),
@@ -142,6 +143,8 @@ pub enum ApiError {
     UnsupportedTransferCoding(String),
     #[error("requests from the page at origin '{0}' are not allowed here (the server's --cors-allow-origin lists the allowed ones)")]
     CrossOrigin(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
     #[error("no such endpoint: {0}")]
     NotFound(String),
     #[error("method {0} is not allowed here")]
@@ -178,6 +181,7 @@ impl ApiError {
             ApiError::UploadTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::CrossOrigin(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -200,6 +204,7 @@ impl ApiError {
             ApiError::UploadTimeout { .. } => "upload_timeout",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::CrossOrigin(_) => "cross_origin_forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",

@@ -15,6 +15,7 @@
 //! The page lives here too ([`page`]): it is one more route over the same
 //! state, so the dependency runs one way, from this module to the engine.
 
+pub mod auth;
 pub mod disparity;
 pub mod error;
 pub mod guard;
@@ -76,6 +77,8 @@ pub struct AppState {
     pub connection_stats: Arc<ConnectionStats>,
     /// The Prometheus series of `/metrics`.
     pub metrics: Arc<metrics::Metrics>,
+    /// API keys the routes need (none set: open, the default).
+    pub api_keys: auth::ApiKeys,
 }
 
 impl AppState {
@@ -148,6 +151,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route(openapi::DOCUMENT_PATH, get(openapi::document))
         .merge(openapi::docs_page())
+        // After routing: an unknown route is a 404 with or without a key, and
+        // refusals are counted under the route they were for.
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key))
         .route_layer(middleware::from_fn(metrics::mark_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

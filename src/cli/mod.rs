@@ -27,6 +27,16 @@ pub async fn serve(config: Config) -> ExitCode {
     colormap::prepare();
     let cpu_threads = crate::pipeline::pool::init(config.cpu_threads);
     info!(cpu_threads, "CPU pool ready");
+    let api_keys = match crate::api::auth::ApiKeys::load(&config.api_keys, config.api_key_file.as_deref()) {
+        Ok(keys) => keys,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if api_keys.enabled() {
+        info!("API keys required on every route but health, readiness, metrics and the page");
+    }
     let engine_config =
         EngineConfig { warm_sizes: config.warm_sizes.clone(), ..config.model.engine_config(config.queue_depth) };
     let engine = match Engine::start(engine_config) {
@@ -50,6 +60,7 @@ pub async fn serve(config: Config) -> ExitCode {
         connections: config.connection_limits(),
         connection_stats: Default::default(),
         metrics: Default::default(),
+        api_keys,
     };
     let address = SocketAddr::new(config.host, config.port);
     let listener = match TcpListener::bind(address).await {

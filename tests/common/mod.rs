@@ -87,6 +87,7 @@ pub fn state(engine: Engine, limits: Limits) -> AppState {
         connections: Default::default(),
         connection_stats: Default::default(),
         metrics: Default::default(),
+        api_keys: Default::default(),
     }
 }
 
