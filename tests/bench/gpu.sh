@@ -38,6 +38,9 @@
 #             three image sizes in turn, five rounds (eager, eager, recorded, then the
 #             least recently used shape evicted and recorded again...); every answer
 #             (PFM) from round 3 on must equal byte for byte round 2's eager answer
+#   batch     `stereo-recon batch` over 40 KITTI-sized pairs, --pipeline-depth 3 (as
+#             shipped) against 1 (strictly sequential), alternating A B B A: seconds,
+#             pairs/s and the engine's busy fraction from each run's summary.json
 #   check     .ci/gpu-check.sh with the bundle's server: KITTI requests' Server-Timing
 #             phases (pfm, png16, json), a v2 inference, the CUDA allocator series of
 #             /metrics, SIGTERM -> its summary in summary.md
@@ -102,7 +105,7 @@ precision=bf16,memory=contiguous,graphs=2,pinned=on;\
 precision=bf16,memory=channels-last,graphs=2,pinned=on"
 
 run_device() {
-    local out="${OUT:-target/gpu-results}" stages="${STAGES:-levers accuracy table profile graphs check}"
+    local out="${OUT:-target/gpu-results}" stages="${STAGES:-levers accuracy table profile graphs batch check}"
     local sizes="${SIZES:-384x1248 512x960}" iters="${ITERS:-40}"
     mkdir -p "$out"
     [[ -f "$bundle/stereo-recon.xz" ]] || { echo "gpu.sh run: $bundle missing (gpu.sh prepare, then carry it)" >&2; exit 1; }
@@ -241,6 +244,36 @@ EOF
                 echo "  sizes whose round 1 (profiling pass) differs from round 2: $first_differs of 3"
                 grep -v Warning "$dir/server.log" | grep -E "CUDA graph|recorded|dropped" | cut -c1-200
             } | tee -a "$out/summary.md"
+            ;;
+        batch)
+            local dir=/tmp/stereo-recon-gpu-batch
+            rm -rf "$dir" && mkdir -p "$dir/pairs/left" "$dir/pairs/right"
+            python3 - "$dir/pairs" <<'EOF'
+import sys
+from PIL import Image
+left = Image.open("data/synthetic/left.png").convert("RGB").resize((1300, 375))
+right = Image.open("data/synthetic/right.png").convert("RGB").resize((1300, 375))
+for k in range(40):  # 40 distinct KITTI-sized pairs: the views cropped at moving offsets
+    box = (k, 0, k + 1242, 375)
+    left.crop(box).save(f"{sys.argv[1]}/left/f{k:03d}.png")
+    right.crop(box).save(f"{sys.argv[1]}/right/f{k:03d}.png")
+EOF
+            {
+                echo "batch: 40 pairs of 1242x375, png16 + color, cuda"
+                echo "| pipeline depth | seconds | pairs/s | engine busy |"
+                echo "|---|---|---|---|"
+            } | tee -a "$out/summary.md"
+            for depth in 3 1 1 3; do
+                rm -rf "$dir/out"
+                $limit "$bin/stereo-recon" batch "$dir/pairs" --out "$dir/out" --formats png16,color --device cuda \
+                    --pipeline-depth "$depth" --model "$bundle/psmnet_kitti2015.pt" >"$dir/batch.log" 2>&1 \
+                    || { echo "batch depth $depth failed"; tail -3 "$dir/batch.log"; continue; }
+                python3 - "$dir/out/summary.json" "$depth" <<'EOF' | tee -a "$out/summary.md"
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"| {sys.argv[2]} | {s['seconds']:.2f} | {s['pairs_per_second']:.2f} | {100 * (s['engine_busy'] or 0):.1f} % |")
+EOF
+            done
             ;;
         check)
             rm -rf /tmp/stereo-recon-gpu-check
