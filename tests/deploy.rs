@@ -42,13 +42,7 @@ fn manifests_validate_against_the_pinned_kubernetes_schemas() {
 
 #[tokio::test]
 async fn manifests_agree_with_the_server_and_the_image() {
-    let output = std::process::Command::new(venv_tool("python"))
-        .arg(repo().join("tests/clients/manifest_facts.py"))
-        .arg(repo().join("deploy/kubernetes"))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let facts: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let facts = manifest_facts();
 
     // The container's arguments parse as our `serve` and listen where the probes look.
     let args: Vec<String> = serde_json::from_value(facts["args"].clone()).unwrap();
@@ -110,13 +104,7 @@ async fn manifests_agree_with_the_server_and_the_image() {
 #[test]
 fn the_indexed_job_runs_one_shard_per_pod() {
     use stereo_recon::config::Shard;
-    let output = std::process::Command::new(venv_tool("python"))
-        .arg(repo().join("tests/clients/manifest_facts.py"))
-        .arg(repo().join("deploy/kubernetes"))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let facts: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let facts = manifest_facts();
     let job = &facts["job"];
     assert_eq!(job["mode"], "Indexed");
     let completions = job["completions"].as_u64().unwrap();
@@ -160,4 +148,15 @@ fn the_dockerfile_uses_only_flags_old_buildah_knows() {
     // The runtime stage carries the ffmpeg program that `batch` reads videos with.
     let runtime = dockerfile.split("AS runtime").nth(1).expect("a runtime stage");
     assert!(runtime.contains("apt-get install -y --no-install-recommends ffmpeg"), "ffmpeg in the image");
+}
+
+/// What the manifests say, read by a YAML parser (tests/clients/manifest_facts.py).
+fn manifest_facts() -> serde_json::Value {
+    let output = std::process::Command::new(venv_tool("python"))
+        .arg(repo().join("tests/clients/manifest_facts.py"))
+        .arg(repo().join("deploy/kubernetes"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
 }

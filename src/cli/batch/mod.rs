@@ -256,6 +256,13 @@ async fn rgb_of_png(png: Vec<u8>) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// See [`Feeder::next_step`].
+enum Step {
+    Stop,
+    Passed,
+    Compute,
+}
+
 /// Reads the inputs in order and starts each pair that needs computing.
 struct Feeder {
     plan: Arc<Plan>,
@@ -302,16 +309,27 @@ impl Feeder {
         (!self.stopped()).then_some(permit)
     }
 
+    /// What to do with item `i`: nothing more (the run is stopped), pass it
+    /// on as done (its files exist), or compute it.
+    async fn next_step(&self, i: usize) -> Step {
+        if self.stopped() {
+            return Step::Stop;
+        }
+        if self.needs[i] {
+            Step::Compute
+        } else if self.send(Entry::Existing(i)).await {
+            Step::Passed
+        } else {
+            Step::Stop
+        }
+    }
+
     async fn feed_files(&self, range: std::ops::Range<usize>) -> bool {
         for i in range {
-            if self.stopped() {
-                return false;
-            }
-            if !self.needs[i] {
-                if !self.send(Entry::Existing(i)).await {
-                    return false;
-                }
-                continue;
+            match self.next_step(i).await {
+                Step::Stop => return false,
+                Step::Passed => continue,
+                Step::Compute => {}
             }
             let ItemSource::Files(pair) = &self.plan.items[i].what else { unreachable!("a dataset lists files") };
             let Some(permit) = self.place().await else { return false };
@@ -352,14 +370,10 @@ impl Feeder {
             None => None,
         };
         for i in range {
-            if self.stopped() {
-                return false;
-            }
-            if !self.needs[i] {
-                if !self.send(Entry::Existing(i)).await {
-                    return false;
-                }
-                continue;
+            match self.next_step(i).await {
+                Step::Stop => return false,
+                Step::Passed => continue,
+                Step::Compute => {}
             }
             let Some(permit) = self.place().await else { return false };
             let entry = match read_frame(&mut frames, frame_of(i)).await {
