@@ -1,7 +1,9 @@
 """Export PSMNet with the KITTI 2015 weights to one TorchScript file for the Rust server.
 
 BatchNorms are folded into the convolutions before them (`psmnet.fold_batchnorm`):
-identical maths in inference, one pass less over every activation. We script
+identical maths in inference, one pass less over every activation. Each 3D
+convolution followed by a ReLU becomes one `psmnet.ConvReLU3d` (on the CPU one
+oneDNN call with the ReLU as a post-op; on CUDA the two as before). We script
 (`torch.jit.script`) rather than trace: tracing would bake the
 example's height and width into the cost-volume loop and the upsampling
 sizes, whereas the scripted graph reads them from the input, so ONE file
@@ -46,7 +48,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     eager = load_model(args.checkpoint)
-    folded = psmnet.fold_batchnorm(load_model(args.checkpoint))
+    folded = psmnet.fuse_conv_relu(psmnet.fold_batchnorm(load_model(args.checkpoint)))
     scripted = torch.jit.script(folded)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
