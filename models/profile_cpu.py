@@ -85,6 +85,8 @@ def main() -> None:
             module.to(memory_format=torch.channels_last)
         elif isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
             module.to(memory_format=torch.channels_last_3d)
+        elif isinstance(module, psmnet.ConvReLU3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
     g = torch.Generator().manual_seed(0)
     left = torch.randn(1, 3, height, width, generator=g)
     right = torch.roll(left, shifts=-7, dims=3)
