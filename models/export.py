@@ -2,8 +2,9 @@
 
 BatchNorms are folded into the convolutions before them (`psmnet.fold_batchnorm`):
 identical maths in inference, one pass less over every activation. Each 3D
-convolution followed by a ReLU becomes one `psmnet.ConvReLU3d` (on the CPU one
-oneDNN call with the ReLU as a post-op; on CUDA the two as before). We script
+convolution and transposed convolution, with the ReLU after it if any, becomes one
+`psmnet.FusedConv3d` (on the CPU one direct oneDNN call with the ReLU as a
+post-op; on CUDA the two as before). We script
 (`torch.jit.script`) rather than trace: tracing would bake the
 example's height and width into the cost-volume loop and the upsampling
 sizes, whereas the scripted graph reads them from the input, so ONE file
@@ -48,7 +49,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     eager = load_model(args.checkpoint)
-    folded = psmnet.fuse_conv_relu(psmnet.fold_batchnorm(load_model(args.checkpoint)))
+    folded = psmnet.fuse_conv3d(psmnet.fold_batchnorm(load_model(args.checkpoint)))
     scripted = torch.jit.script(folded)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

@@ -79,13 +79,13 @@ def main() -> None:
     model = psmnet.fold_batchnorm(load_model(args.checkpoint))
     # The ONNX export (for OpenVINO) is of this form; libtorch runs the exported one,
     # with its 3D convolution + ReLU pairs fused (what the engine loads).
-    fused = psmnet.fuse_conv_relu(psmnet.fold_batchnorm(load_model(args.checkpoint)))
+    fused = psmnet.fuse_conv3d(psmnet.fold_batchnorm(load_model(args.checkpoint)))
     for module in fused.modules():
         if isinstance(module, torch.nn.Conv2d):
             module.to(memory_format=torch.channels_last)
         elif isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
             module.to(memory_format=torch.channels_last_3d)
-        elif isinstance(module, psmnet.ConvReLU3d):
+        elif isinstance(module, psmnet.FusedConv3d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
     g = torch.Generator().manual_seed(0)
     left = torch.randn(1, 3, height, width, generator=g)

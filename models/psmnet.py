@@ -312,48 +312,92 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-class ConvReLU3d(nn.Module):
-    """A 3D convolution (BatchNorm folded in) followed by ReLU, as one oneDNN call on the CPU.
+class FusedConv3d(nn.Module):
+    """A folded 3D convolution or transposed convolution, optionally followed by ReLU, run on
+    the CPU as one direct oneDNN call.
 
-    oneDNN applies the ReLU as a post-op while the convolution's output is still in
-    cache, which saves a pass over a large 5-D activation per convolution; on CUDA
-    (and for other number formats) it is the plain convolution and ReLU. Same maths.
+    Two reasons, both measured on the CPU in fp32: oneDNN applies the ReLU as a post-op while
+    the output is still in cache (a pass less over a large 5-D activation per convolution);
+    and calling oneDNN directly keeps the coarsest hourglass level (batch 1, 64 channels at
+    1/16 size) off PyTorch's generic im2col kernels (`slow_conv3d_forward`,
+    `slow_conv_transpose3d`), to which its size heuristic sends them. On CUDA (and for
+    other number formats) it is the plain convolution and ReLU. Same maths either way.
     """
 
-    def __init__(self, conv: nn.Conv3d) -> None:
+    def __init__(self, conv: nn.Module, relu: bool) -> None:
         super().__init__()
+        if not isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)):
+            raise TypeError(f"not a 3D convolution: {type(conv).__name__}")
+        self.transposed = isinstance(conv, nn.ConvTranspose3d)
+        self.relu = relu
         self.weight = conv.weight
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        channels = conv.out_channels
+        bias = conv.bias if conv.bias is not None else torch.zeros(channels)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.padding: List[int] = [int(p) for p in conv.padding]
         self.stride: List[int] = [int(s) for s in conv.stride]
+        self.output_padding: List[int] = [int(p) for p in conv.output_padding] if self.transposed else [0, 0, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32:
-            no_scalars: List[Optional[Union[int, float, complex]]] = []
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, self.padding, self.stride, [1, 1, 1], 1, "relu", no_scalars, None
-            )
-        return torch.relu_(F.conv3d(x, self.weight, self.bias, self.stride, self.padding))
-
-
-def fuse_conv_relu(model: nn.Module) -> nn.Module:
-    """Replaces every folded `Sequential(Sequential(Conv3d, Identity), ReLU)` by a
-    [`ConvReLU3d`], in place (after [`fold_batchnorm`])."""
-    for name, child in model.named_children():
-        is_conv_relu = (
-            isinstance(child, nn.Sequential)
-            and len(child) == 2
-            and isinstance(child[0], nn.Sequential)
-            and len(child[0]) == 2
-            and isinstance(child[0][0], nn.Conv3d)
-            and isinstance(child[0][1], nn.Identity)
-            and isinstance(child[1], nn.ReLU)
-        )
-        if is_conv_relu:
-            setattr(model, name, ConvReLU3d(child[0][0]))
+            return self._onednn(x)
+        if self.transposed:
+            y = F.conv_transpose3d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding)
         else:
-            fuse_conv_relu(child)
+            y = F.conv3d(x, self.weight, self.bias, self.stride, self.padding)
+        return torch.relu_(y) if self.relu else y
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        attr = "relu" if self.relu else "none"
+        no_scalars: List[Optional[Union[int, float, complex]]] = []
+        if self.transposed:
+            # The engine lays 5-D weights out channels-last; oneDNN's transposed convolution
+            # reorders such a weight on every call, a plain one (110k values) costs nothing.
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, self.weight.contiguous(), self.bias, self.padding, self.output_padding, self.stride,
+                [1, 1, 1], 1, attr, no_scalars, None
+            )
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, [1, 1, 1], 1, attr, no_scalars, None
+        )
+
+
+def _folded_conv3d(module: nn.Module) -> Optional[nn.Module]:
+    """The 3D convolution of a folded `Sequential(conv, Identity)` (or a bare one), else None."""
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        return module
+    is_folded = (
+        isinstance(module, nn.Sequential)
+        and len(module) == 2
+        and isinstance(module[0], (nn.Conv3d, nn.ConvTranspose3d))
+        and isinstance(module[1], nn.Identity)
+    )
+    return module[0] if is_folded else None
+
+
+def fuse_conv3d(model: nn.Module) -> nn.Module:
+    """Replaces every 3D convolution (after [`fold_batchnorm`]) by a [`FusedConv3d`], taking a
+    ReLU that directly follows it in a `Sequential` into it; returns the model (changed in
+    place, except where the model itself is such a convolution)."""
+    conv = _folded_conv3d(model)
+    if conv is not None:
+        return FusedConv3d(conv, relu=False)
+    if isinstance(model, nn.Sequential):
+        children = list(model.children())
+        fused: List[nn.Module] = []
+        k = 0
+        while k < len(children):
+            conv = _folded_conv3d(children[k])
+            if conv is None:
+                fused.append(fuse_conv3d(children[k]))
+                k += 1
+                continue
+            relu = k + 1 < len(children) and isinstance(children[k + 1], nn.ReLU)
+            fused.append(FusedConv3d(conv, relu))
+            k += 2 if relu else 1
+        return fused[0] if len(fused) == 1 else nn.Sequential(*fused)
+    for name, child in model.named_children():
+        setattr(model, name, fuse_conv3d(child))
     return model
 
 
