@@ -189,6 +189,12 @@ pub struct Config {
     /// A file of API keys, one a line (blank lines and # comments skipped), added to --api-key.
     #[arg(long, env = "STEREO_RECON_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// WebSocket streams (/api/v1/stream) open at once at most; beyond it the handshake gets 503.
+    #[arg(long, env = "STEREO_RECON_MAX_STREAMS", default_value_t = 8)]
+    pub max_streams: usize,
+    /// Seconds a stream may send nothing before the server closes it (close code 1001).
+    #[arg(long, env = "STEREO_RECON_STREAM_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub stream_idle_timeout_secs: u64,
     /// Open connections at most. At the cap a new connection closes the oldest one that has no
     /// request in progress (slow or idle); only when all are busy is it refused with 503.
     /// Keep it under the process's open-files limit (`ulimit -n`).
@@ -287,24 +293,7 @@ pub struct EvalArgs {
     pub model: ModelArgs,
 }
 
-/// How the two views of a stereo video are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum VideoLayout {
-    /// Side by side: the left view in the left half of each frame.
-    Sbs,
-    /// Top and bottom: the left view in the top half.
-    Tb,
-}
-
-impl VideoLayout {
-    /// The option's value, as messages and the summary show it.
-    pub fn label(self) -> &'static str {
-        match self {
-            VideoLayout::Sbs => "sbs",
-            VideoLayout::Tb => "tb",
-        }
-    }
-}
+pub use crate::decode::VideoLayout;
 
 /// `batch`: many pairs through one loaded engine, outputs mirrored under `--out`.
 #[derive(Debug, Clone, Args)]

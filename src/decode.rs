@@ -147,6 +147,56 @@ fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, DecodeError> {
     Ok(reader)
 }
 
+/// How the two views of a stereo frame are packed into one image (videos, stream frames).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VideoLayout {
+    /// Side by side: the left view in the left half of each frame.
+    Sbs,
+    /// Top and bottom: the left view in the top half.
+    Tb,
+}
+
+impl VideoLayout {
+    /// The option's value, as messages and the summary show it.
+    pub fn label(self) -> &'static str {
+        match self {
+            VideoLayout::Sbs => "sbs",
+            VideoLayout::Tb => "tb",
+        }
+    }
+
+    /// The size of each view of a `width` x `height` packed frame, or why it cannot be split.
+    pub fn view_size(self, width: u32, height: u32) -> Result<(u32, u32), String> {
+        match self {
+            VideoLayout::Sbs if width.is_multiple_of(2) => Ok((width / 2, height)),
+            VideoLayout::Tb if height.is_multiple_of(2) => Ok((width, height / 2)),
+            VideoLayout::Sbs => Err(format!("a side-by-side frame needs an even width, not {width}x{height}")),
+            VideoLayout::Tb => Err(format!("a top-bottom frame needs an even height, not {width}x{height}")),
+        }
+    }
+}
+
+/// The two views of one packed 8-bit RGB frame `frame_width` pixels wide.
+pub fn split_packed(frame: &[u8], frame_width: u32, layout: VideoLayout) -> (bytes::Bytes, bytes::Bytes) {
+    let row = frame_width as usize * 3;
+    match layout {
+        VideoLayout::Tb => {
+            let (top, bottom) = frame.split_at(frame.len() / 2);
+            (bytes::Bytes::copy_from_slice(top), bytes::Bytes::copy_from_slice(bottom))
+        }
+        VideoLayout::Sbs => {
+            let half = row / 2;
+            let (mut left, mut right) = (Vec::with_capacity(frame.len() / 2), Vec::with_capacity(frame.len() / 2));
+            for line in frame.chunks_exact(row) {
+                left.extend_from_slice(&line[..half]);
+                right.extend_from_slice(&line[half..]);
+            }
+            (bytes::Bytes::from(left), bytes::Bytes::from(right))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

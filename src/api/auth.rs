@@ -98,12 +98,19 @@ fn bearer(request: &Request) -> Option<&[u8]> {
     scheme.eq_ignore_ascii_case(b"bearer ").then(|| value[7..].trim_ascii())
 }
 
+/// The key a WebSocket client offered as the subprotocol `bearer.KEY`.
+fn subprotocol_key(request: &Request) -> Option<&[u8]> {
+    super::stream::offered_subprotocols(request.headers())
+        .find_map(|p| p.strip_prefix(super::stream::KEY_SUBPROTOCOL_PREFIX))
+        .map(str::as_bytes)
+}
+
 /// Refuses a request without an accepted key (401, before its body is read).
 pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if !state.api_keys.enabled() || is_open(request.uri().path()) {
         return next.run(request).await;
     }
-    let refusal = match bearer(&request) {
+    let refusal = match bearer(&request).or_else(|| subprotocol_key(&request)) {
         Some(key) if state.api_keys.accepts(key) => return next.run(request).await,
         Some(_) => ApiError::Unauthorized("the API key is not valid"),
         None => ApiError::Unauthorized("this server needs an API key: send 'Authorization: Bearer KEY'"),

@@ -65,6 +65,8 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("upload_budget_full", 503, "the memory budget for uploads is taken (Retry-After)"),
     ("too_many_connections", 503, "every connection is busy (sent by the connection layer, Retry-After)"),
     ("unsupported_transfer_coding", 501, "a Transfer-Encoding other than chunked"),
+    ("not_a_websocket", 400, "GET /api/v1/stream without a WebSocket handshake (version 13)"),
+    ("too_many_streams", 503, "--max-streams streams are open (Retry-After)"),
     ("unauthorized", 401, "no API key, or not one of the server's (--api-key); the answer says which"),
     ("cross_origin_forbidden", 403, "a browser page of another origin, not in --cors-allow-origin"),
     ("not_found", 404, "no such route or file"),
@@ -149,6 +151,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
+    #[error("{0}")]
+    NotAWebSocket(String),
+    #[error("{limit} streams are open, the most this server takes (--max-streams); retry later")]
+    TooManyStreams { limit: usize },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -175,7 +181,9 @@ impl ApiError {
             | ApiError::InvalidBase64(_)
             | ApiError::InvalidJson(_)
             | ApiError::InvalidMultipart(_)
-            | ApiError::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            | ApiError::InvalidQuery(_)
+            | ApiError::NotAWebSocket(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooManyStreams { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Pipeline(e) => pipeline_status(e),
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UploadTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -208,6 +216,8 @@ impl ApiError {
             ApiError::CrossOrigin(_) => "cross_origin_forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::NotAWebSocket(_) => "not_a_websocket",
+            ApiError::TooManyStreams { .. } => "too_many_streams",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -243,6 +253,7 @@ impl ApiError {
             }
             ApiError::Pipeline(PipelineError::Engine(EngineError::NotReady | EngineError::OutOfMemory(_))) => Some(5),
             ApiError::Pipeline(PipelineError::BudgetFull { .. }) => Some(1),
+            ApiError::TooManyStreams { .. } => Some(5),
             _ => None,
         }
     }

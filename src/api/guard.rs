@@ -46,6 +46,16 @@ impl OriginPolicy {
     fn allows(&self, origin: &str) -> bool {
         self.allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
     }
+
+    /// Whether a request with these headers may open what spends the server's
+    /// device though its method is GET (a WebSocket stream): no `Origin` (not a
+    /// browser), the page's own origin, or an allowed one.
+    pub fn admits(&self, headers: &HeaderMap) -> bool {
+        match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+            None => true,
+            Some(origin) => same_origin(origin, headers) || self.allows(origin),
+        }
+    }
 }
 
 /// Whether `origin` (`scheme://host[:port]`) names the host the request was sent to.

@@ -52,6 +52,8 @@ pub struct Metrics {
     upload_budget_bytes: IntGauge,
     connections_open: IntGauge,
     connections: IntCounterVec,
+    streams_open: IntGauge,
+    stream_frames: IntCounterVec,
     /// Registered only once the model runs on CUDA (a CPU server has no such memory).
     cuda: Registry,
     cuda_allocated: IntGauge,
@@ -105,7 +107,7 @@ impl Metrics {
             phase_duration: histogram_vec(
                 &r,
                 "stereo_recon_phase_duration_seconds",
-                "Time of each phase of a served disparity request: decode, queue, inference, encode.",
+                "Time of each phase of a served disparity request or stream frame: decode, queue, inference, encode.",
                 &["phase"],
             ),
             rejected: counter_vec(
@@ -156,6 +158,13 @@ impl Metrics {
                 "Connection-layer events: accepted, evicted (idle one closed for a newcomer at the cap), refused (503 at the cap), timed_out, lingered (closed after an early answer).",
                 &["event"],
             ),
+            streams_open: gauge(&r, "stereo_recon_streams_open", "WebSocket streams (/api/v1/stream) open now."),
+            stream_frames: counter_vec(
+                &r,
+                "stereo_recon_stream_frames_total",
+                "Frames of WebSocket streams, by outcome: answered, or dropped (a newer frame replaced it, or the queue was full).",
+                &["outcome"],
+            ),
             cuda_allocated: gauge(
                 &cuda,
                 "stereo_recon_cuda_allocated_bytes",
@@ -178,16 +187,21 @@ impl Metrics {
         self.requests.with_label_values(&[answer.route, answer.format, &status]).inc();
         self.request_duration.with_label_values(&[answer.route]).observe(answer.elapsed.as_secs_f64());
         if let Some(t) = answer.timings {
-            for (phase, ms) in
-                [("decode", t.decode_ms), ("queue", t.queue_ms), ("inference", t.inference_ms), ("encode", t.encode_ms)]
-            {
-                self.phase_duration.with_label_values(&[phase]).observe(ms / 1000.0);
-            }
+            self.observe_phases(t);
         }
         if answer.status == 503 || (400..500).contains(&answer.status) {
             if let Some(code) = answer.error_code {
                 self.rejected.with_label_values(&[code]).inc();
             }
+        }
+    }
+
+    /// Records the phases of one pair's pass through the pipeline (a request or a stream's frame).
+    pub fn observe_phases(&self, t: &Timings) {
+        for (phase, ms) in
+            [("decode", t.decode_ms), ("queue", t.queue_ms), ("inference", t.inference_ms), ("encode", t.encode_ms)]
+        {
+            self.phase_duration.with_label_values(&[phase]).observe(ms / 1000.0);
         }
     }
 
@@ -224,6 +238,11 @@ impl Metrics {
         catch_up(&self.rejected.with_label_values(&["too_many_connections"]), c.refused.load(Ordering::Relaxed));
         catch_up(&self.rejected.with_label_values(&["connection_timeout"]), c.timed_out.load(Ordering::Relaxed));
         catch_up(&self.rejected.with_label_values(&["malformed_request"]), c.malformed.load(Ordering::Relaxed));
+
+        self.streams_open.set(state.streams.open() as i64);
+        let (answered, dropped) = state.streams.frame_counts();
+        catch_up(&self.stream_frames.with_label_values(&["answered"]), answered);
+        catch_up(&self.stream_frames.with_label_values(&["dropped"]), dropped);
 
         let mut families = self.registry.gather();
         if let Some(memory) = state.engine.cuda_memory() {

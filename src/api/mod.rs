@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /` | the upload page |
 //! | `POST /api/v1/disparity` | a pair in, a disparity map out ([`disparity`]) |
+//! | `GET /api/v1/stream` | stereo video over a WebSocket, latest frame wins ([`stream`]) |
 //! | `GET /api/v1/health` | 200 once the model is loaded and warmed up, 503 before |
 //! | `GET /api/v1/model` | what model runs where, and the input constraints |
 //! | `GET /api/v1/examples` | sample pairs shipped in `data/` |
@@ -26,6 +27,7 @@ pub mod openapi;
 mod page;
 pub use openapi::BinaryFile;
 pub mod request_id;
+pub mod stream;
 pub mod v2;
 pub use info::{list_examples as examples_in, Example};
 pub mod upload;
@@ -79,6 +81,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// API keys the routes need (none set: open, the default).
     pub api_keys: auth::ApiKeys,
+    /// The WebSocket streams open, and their limits.
+    pub streams: stream::Streams,
 }
 
 impl AppState {
@@ -132,6 +136,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(page::index))
         .route("/api/v1/disparity", post(disparity::disparity).layer(body_limit))
+        .route("/api/v1/stream", get(stream::stream))
         .route("/api/v1/health", get(info::health))
         .route("/api/v1/model", get(info::model))
         .route("/api/v1/examples", get(info::examples))

@@ -30,6 +30,7 @@ pub struct BinaryFile(Vec<u8>);
     ),
     paths(
         super::disparity::disparity,
+        super::stream::stream,
         super::info::health,
         super::info::model,
         super::info::examples,

@@ -61,6 +61,10 @@ pub async fn serve(config: Config) -> ExitCode {
         connection_stats: Default::default(),
         metrics: Default::default(),
         api_keys,
+        streams: crate::api::stream::Streams::new(
+            config.max_streams.max(1),
+            std::time::Duration::from_secs(config.stream_idle_timeout_secs.max(1)),
+        ),
     };
     let address = SocketAddr::new(config.host, config.port);
     let listener = match TcpListener::bind(address).await {

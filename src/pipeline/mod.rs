@@ -40,7 +40,7 @@ pub use error::PipelineError;
 pub use format::OutputFormat;
 
 use crate::calibration::{Calibration, CalibrationFormat};
-use crate::decode::{decode_pair, probe_pair, unit_rgb, DecodeError};
+use crate::decode::{decode_pair, decode_rgb, probe, probe_pair, unit_rgb, DecodeError, VideoLayout};
 use crate::disparity::DisparityMap;
 use crate::engine::{Engine, EngineStatus, InferencePhases, ModelInfo, StereoPair};
 use crate::eval::decode_ground_truth;
@@ -55,6 +55,9 @@ pub enum PairInput {
     /// 8-bit RGB pixels, row-major `[height, width, 3]` (tensors of the Open
     /// Inference Protocol), each exactly `width * height * 3` bytes.
     Pixels { width: u32, height: u32, left: Bytes, right: Bytes },
+    /// One encoded image holding both views (a frame of a side-by-side or top-bottom
+    /// stereo video); each view is held to the pixel limit, as separate images are.
+    Packed { image: Bytes, layout: VideoLayout },
 }
 
 /// What to make of the pair besides the disparity.
@@ -298,6 +301,44 @@ fn check_pixels(width: u32, height: u32, left: &[u8], right: &[u8], max_pixels: 
     Ok(())
 }
 
+/// What errors about a packed frame call it.
+const PACKED_FIELD: &str = "frame";
+
+/// The size of each view of a packed frame, from its header: the frame may hold two
+/// images' worth of pixels, each view at most one.
+fn packed_view_size(image: &[u8], layout: VideoLayout, max_pixels: u64) -> Result<(u32, u32), PipelineError> {
+    let image_error = |source| PipelineError::Image { field: PACKED_FIELD, source };
+    let (width, height) = probe(image, max_pixels.saturating_mul(2)).map_err(image_error)?;
+    let (view_width, view_height) =
+        layout.view_size(width, height).map_err(|m| image_error(DecodeError::Corrupt(m)))?;
+    let pixels = u64::from(view_width) * u64::from(view_height);
+    if pixels > max_pixels {
+        return Err(image_error(DecodeError::TooManyPixels {
+            width: view_width,
+            height: view_height,
+            pixels,
+            limit: max_pixels,
+        }));
+    }
+    Ok((view_width, view_height))
+}
+
+/// The left and right views of a decoded packed frame, each `width` x `height`.
+fn unpack_views(
+    frame: &image::Rgb32FImage,
+    layout: VideoLayout,
+    width: u32,
+    height: u32,
+) -> (image::Rgb32FImage, image::Rgb32FImage) {
+    let (x, y) = match layout {
+        VideoLayout::Sbs => (width, 0),
+        VideoLayout::Tb => (0, height),
+    };
+    let left = image::imageops::crop_imm(frame, 0, 0, width, height).to_image();
+    let right = image::imageops::crop_imm(frame, x, y, width, height).to_image();
+    (left, right)
+}
+
 /// 8-bit RGB pixels as the network's float input (as a decoded 8-bit image becomes).
 fn pixels_to_image(width: u32, height: u32, bytes: &[u8]) -> image::Rgb32FImage {
     unit_rgb(width, height, bytes, 3)
@@ -320,6 +361,7 @@ fn prepare(
             check_pixels(*width, *height, left, right, max_pixels)?;
             (*width, *height)
         }
+        PairInput::Packed { image, layout } => packed_view_size(image, *layout, max_pixels)?,
     };
     check_padded_size(width, height, max_pixels)?;
     let _decoding = budget.admit(decoded_pair_bytes(width, height))?;
@@ -329,6 +371,11 @@ fn prepare(
             PairInput::Files { left, right } => decode_pair(&left, &right, max_pixels).map_err(PipelineError::from),
             PairInput::Pixels { width, height, left, right } => {
                 Ok(rayon::join(|| pixels_to_image(width, height, &left), || pixels_to_image(width, height, &right)))
+            }
+            PairInput::Packed { image, layout } => {
+                let frame = decode_rgb(&image, max_pixels.saturating_mul(2))
+                    .map_err(|source| PipelineError::Image { field: PACKED_FIELD, source })?;
+                Ok(unpack_views(&frame, layout, width, height))
             }
         },
         move || ground_truth.map(decode_truth).transpose(),
@@ -392,6 +439,31 @@ mod tests {
             run(pixels(4096, 4096, 3, 3)),
             Err(PipelineError::Image { field: "left", source: DecodeError::TooManyPixels { .. } })
         ));
+    }
+
+    #[test]
+    fn packed_frames_are_split_into_views_held_to_the_pixel_limit() {
+        let mut frame = image::RgbImage::new(8, 2);
+        for (x, _, pixel) in frame.enumerate_pixels_mut() {
+            *pixel = image::Rgb([if x < 4 { 10 } else { 200 }, 0, 0]);
+        }
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgb8(frame.clone())
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert_eq!(packed_view_size(&png, VideoLayout::Sbs, 8).unwrap(), (4, 2));
+        assert_eq!(packed_view_size(&png, VideoLayout::Tb, 8).unwrap(), (8, 1));
+        assert!(matches!(
+            packed_view_size(&png, VideoLayout::Sbs, 7),
+            Err(PipelineError::Image { field: "frame", source: DecodeError::TooManyPixels { .. } })
+        ));
+        let budget = UploadBudget::new(1 << 30);
+        let packed = PairInput::Packed { image: Bytes::from(png), layout: VideoLayout::Sbs };
+        let prepared = prepare(packed, None, None, &budget, 1 << 20, None, None).map_err(|e| e.to_string());
+        assert_eq!(prepared.map(|p| p.pair.dimensions()).unwrap(), (4, 2));
+        let decoded = crate::decode::to_rgb_unit(image::DynamicImage::ImageRgb8(frame));
+        let (left, right) = unpack_views(&decoded, VideoLayout::Sbs, 4, 2);
+        assert!(left.pixels().all(|p| p.0[0] == 10.0 / 255.0) && right.pixels().all(|p| p.0[0] == 200.0 / 255.0));
     }
 
     #[test]

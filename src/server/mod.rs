@@ -112,6 +112,8 @@ pub struct ConnectionState {
     declared_oversize: AtomicU64,
     /// The request body being read, woken when its declared size goes over.
     body_reader: Mutex<Option<std::task::Waker>>,
+    /// A handler that answered 101 and takes the connection over once the answer is sent.
+    takeover: Mutex<Option<tokio::sync::oneshot::Sender<TakenOver>>>,
 }
 
 impl ConnectionState {
@@ -125,10 +127,39 @@ impl ConnectionState {
 pub struct ConnectionHandle(Arc<ConnectionState>);
 
 impl ConnectionHandle {
+    /// Asks for the connection's byte stream once the answer being made (a 101) is sent:
+    /// how a WebSocket handler gets its socket while the connection layer keeps its
+    /// accounting (the connection stays open and busy until the [`TakenOver`] is dropped).
+    pub fn take_over(&self) -> tokio::sync::oneshot::Receiver<TakenOver> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        if let Ok(mut slot) = self.0.takeover.lock() {
+            *slot = Some(sender);
+        }
+        receiver
+    }
+
     /// The size the chunked body being received declared, when it is over the
     /// body limit: a body read that failed for this should be answered 413.
     pub fn declared_oversize(&self) -> Option<u64> {
         Some(self.0.declared_oversize.load(Ordering::Acquire)).filter(|&n| n > 0)
+    }
+}
+
+/// A connection handed over after its last HTTP answer (see [`ConnectionHandle::take_over`]).
+pub struct TakenOver {
+    /// The socket, with its write timeout still on; read timers are off while this lives.
+    pub stream: TimedStream,
+    /// Bytes the client sent after the request head, already read from the socket.
+    pub read_ahead: bytes::Bytes,
+    /// Becomes true when the server shuts down.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    _busy: BusyGuard,
+    _done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for TakenOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TakenOver").field("read_ahead", &self.read_ahead.len()).finish_non_exhaustive()
     }
 }
 
@@ -724,7 +755,19 @@ async fn drive_connection(
         debug!(error = %e, "connection ended with an error");
         return;
     }
-    let mut stream = connection.into_parts().io.into_inner();
+    let parts = connection.into_parts();
+    let mut stream = parts.io.into_inner();
+    let takeover = state.takeover.lock().ok().and_then(|mut t| t.take());
+    if let Some(sender) = takeover {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let busy = BusyGuard::new(state.clone());
+        let taken = TakenOver { stream, read_ahead: parts.read_buf, stop: stop.clone(), _busy: busy, _done: done };
+        if sender.send(taken).is_ok() {
+            // The connection stays registered (and busy) until the new owner is done with it.
+            let _ = finished.await;
+        }
+        return;
+    }
     if state.linger.load(Ordering::Acquire) {
         stats.lingered.fetch_add(1, Ordering::Relaxed);
         linger(&mut stream).await;

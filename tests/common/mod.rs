@@ -88,6 +88,7 @@ pub fn state(engine: Engine, limits: Limits) -> AppState {
         connection_stats: Default::default(),
         metrics: Default::default(),
         api_keys: Default::default(),
+        streams: stereo_recon::api::stream::Streams::new(4, Duration::from_secs(60)),
     }
 }
 

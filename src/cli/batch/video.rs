@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::config::VideoLayout;
+use crate::decode::{split_packed, VideoLayout};
 
 /// Where a stereo video's views are.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,13 +214,7 @@ struct Views {
 
 /// The size of each view of a frame of `info` in `layout`.
 pub fn view_size(info: &VideoInfo, layout: VideoLayout) -> Result<(u32, u32), VideoError> {
-    let (w, h) = (info.width, info.height);
-    match layout {
-        VideoLayout::Sbs if w % 2 == 0 => Ok((w / 2, h)),
-        VideoLayout::Tb if h % 2 == 0 => Ok((w, h / 2)),
-        VideoLayout::Sbs => Err(VideoError::Layout(format!("a side-by-side frame needs an even width, not {w}x{h}"))),
-        VideoLayout::Tb => Err(VideoError::Layout(format!("a top-bottom frame needs an even height, not {w}x{h}"))),
-    }
+    layout.view_size(info.width, info.height).map_err(VideoError::Layout)
 }
 
 impl StereoFrames {
@@ -247,7 +241,7 @@ impl StereoFrames {
         let views = match self.views.packed {
             Some((layout, frame_width)) => {
                 let Some(frame) = self.views.pipes[0].next().await? else { return Ok(None) };
-                Some(split_frame(&frame, frame_width, layout))
+                Some(split_packed(&frame, frame_width, layout))
             }
             None => match (self.views.pipes[0].next().await?, self.views.pipes[1].next().await?) {
                 (Some(l), Some(r)) => Some((Bytes::from(l), Bytes::from(r))),
@@ -256,26 +250,6 @@ impl StereoFrames {
         };
         self.next_frame += u64::from(views.is_some());
         Ok(views)
-    }
-}
-
-/// The two views of one packed RGB frame `frame_width` pixels wide.
-pub fn split_frame(frame: &[u8], frame_width: u32, layout: VideoLayout) -> (Bytes, Bytes) {
-    let row = frame_width as usize * 3;
-    match layout {
-        VideoLayout::Tb => {
-            let (top, bottom) = frame.split_at(frame.len() / 2);
-            (Bytes::copy_from_slice(top), Bytes::copy_from_slice(bottom))
-        }
-        VideoLayout::Sbs => {
-            let half = row / 2;
-            let (mut left, mut right) = (Vec::with_capacity(frame.len() / 2), Vec::with_capacity(frame.len() / 2));
-            for line in frame.chunks_exact(row) {
-                left.extend_from_slice(&line[..half]);
-                right.extend_from_slice(&line[half..]);
-            }
-            (Bytes::from(left), Bytes::from(right))
-        }
     }
 }
 
@@ -382,10 +356,10 @@ mod tests {
     fn packed_frames_split_into_views() {
         // 4x2 frame, pixel value = column * 10 + row.
         let frame: Vec<u8> = (0..2u8).flat_map(|y| (0..4u8).flat_map(move |x| [x * 10 + y; 3])).collect();
-        let (left, right) = split_frame(&frame, 4, VideoLayout::Sbs);
+        let (left, right) = split_packed(&frame, 4, VideoLayout::Sbs);
         assert_eq!(left.iter().step_by(3).copied().collect::<Vec<_>>(), [0, 10, 1, 11]);
         assert_eq!(right.iter().step_by(3).copied().collect::<Vec<_>>(), [20, 30, 21, 31]);
-        let (top, bottom) = split_frame(&frame, 4, VideoLayout::Tb);
+        let (top, bottom) = split_packed(&frame, 4, VideoLayout::Tb);
         assert_eq!(top.iter().step_by(3).copied().collect::<Vec<_>>(), [0, 10, 20, 30]);
         assert_eq!(bottom.iter().step_by(3).copied().collect::<Vec<_>>(), [1, 11, 21, 31]);
         let info = VideoInfo { width: 5, height: 2, fps: 1.0, frames: 1 };
