@@ -41,7 +41,7 @@ DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(2) >/dev/null
 endef
 
 .PHONY: help run test setup model build release parity-fixtures parity accuracy synthetic clean-model \
-	browser-deps video-deps bench-batch bench-peers load fuzz fuzz-calibration bench bench-request flood tools clients client-deps lint-docker bundle image
+	browser-deps video-deps bench-batch bench-stream bench-peers load fuzz fuzz-calibration bench bench-request flood tools clients client-deps lint-docker bundle image
 
 help:
 	@echo "make run     set up (venv, weights, TorchScript export, release build) and serve on :5000"
@@ -52,6 +52,7 @@ help:
 	@echo "make bench-request   decode/encode phases per format at KITTI size and 512x384"
 	@echo "make bench-peers     our network on ONNX Runtime and OpenVINO vs eager, TorchScript, our engine (CPU)"
 	@echo "make bench-batch     batch vs one predict per pair vs a sequential loop, engine busy %"
+	@echo "make bench-stream    the WebSocket stream: frames/s and latency, 1 and 4 streams"
 	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...)"
 	@echo "make bundle  the Docker image's runtime layout in target/bundle;  make image  docker build"
 	@echo "Downloads are cached in $(CACHE)."
@@ -107,7 +108,7 @@ $(VENV)/.tools: Makefile | $(VENV)/.installed
 # perf-analyzer is an empty placeholder); that binary also needs libcudart.so.12
 # (the nvidia-cuda-runtime-cu12 wheel) and Debian's libb64 (apt, like chromium).
 CLIENTS := prometheus-client==0.26.0 openapi-spec-validator==0.9.0 schemathesis==4.32.5 \
-	tritonclient[http]==2.50.0 nvidia-cuda-runtime-cu12==12.9.79 kubernetes-validate==1.37.0
+	tritonclient[http]==2.50.0 nvidia-cuda-runtime-cu12==12.9.79 kubernetes-validate==1.37.0 websockets==17.4
 clients: $(VENV)/.clients client-deps
 
 $(VENV)/.clients: Makefile | $(VENV)/.installed
@@ -169,6 +170,11 @@ bench-peers: model $(VENV)/.peers
 $(VENV)/.peers: models/requirements-peers.txt | $(VENV)/.installed
 	$(PYTHON) -m pip install --quiet -r models/requirements-peers.txt
 	touch $@
+
+# The WebSocket stream's frames/s and latency, 1 and 4 streams, two sizes (docs/stream.md).
+STREAM_BENCH_ARGS ?= --json target/bench-stream.json
+bench-stream: model release
+	cargo bench --locked --bench stream -- $(STREAM_BENCH_ARGS)
 
 # `batch` on 20 pairs against 20 `predict` calls and a strictly sequential run (docs/datasets.md).
 BATCH_BENCH_ARGS ?= --pairs 20 --json target/bench-batch.json

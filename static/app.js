@@ -10,6 +10,7 @@
 // - depth.js: depth, camera and measuring; cloud.js: the point cloud and its PLY
 // - viewer.js: the WebGL point viewer (our own few lines, no library)
 // - api.js: API calls with the server's key, asked for once when it needs one
+// - video.js: the video mode, frames over the WebSocket stream drawn live
 
 import { $, errorMessage, hideError, showError } from "./js/dom.js";
 import { apiFetch } from "./js/api.js";
@@ -18,6 +19,7 @@ import { chosen, setBusy, setCalibration, setGroundTruth, setImage, wireDropZone
 import { showResult, wireHover } from "./js/results.js";
 import { onTrustInput } from "./js/trust.js";
 import { wireDepth } from "./js/depth.js";
+import { wireVideo } from "./js/video.js";
 
 // ---- Status: poll health until the model is ready, then show the device.
 async function refreshStatus() {
@@ -119,6 +121,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("calib-clear").addEventListener("click", () => setCalibration(null));
   wireHover();
   wireDepth();
+  wireVideo();
   drawColorbar();
   drawColorbar("depth-bar", true);
   drawColorbar("uncertainty-bar");

@@ -447,3 +447,91 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         println!("screenshot: {}", shot.display());
     }
 }
+
+/// A looping side-by-side WebM (VP8) of the rendered room seen by a moving rig.
+fn stereo_webm(path: &std::path::Path) {
+    let (width, height) = (256u32, 192u32);
+    let mut child = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &format!("{}x{height}", 2 * width)])
+        .args(["-framerate", "5", "-i", "-", "-c:v", "libvpx", "-b:v", "2M", "-pix_fmt", "yuv420p"])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("ffmpeg runs (make test installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    for k in 0..10 {
+        let scene =
+            stereo_recon::synthetic::render_from(width, height, [0.02 * f64::from(k), 0.0, 0.05 * f64::from(k)]);
+        let mut frame = image::RgbImage::new(2 * width, height);
+        image::imageops::replace(&mut frame, &scene.left, 0, 0);
+        image::imageops::replace(&mut frame, &scene.right, i64::from(width), 0);
+        stdin.write_all(frame.as_raw()).unwrap();
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "ffmpeg encodes the test video");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
+    let engine = ready_engine(2).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(stereo_recon::serve(listener, state(engine, DEFAULT_LIMITS), std::future::pending()));
+    let video = std::env::temp_dir().join(format!("stereo-recon-video-{}.webm", std::process::id()));
+    stereo_webm(&video);
+
+    let shot = tokio::task::spawn_blocking(move || {
+        let driver = Driver::start();
+        let browser = Browser::open(&driver);
+        browser.goto(&format!("http://{address}/"));
+        browser.wait_for("the model to be ready", "return document.querySelector('.status-ready') !== null;", Duration::from_secs(30));
+        browser.script(
+            "window.cspViolations = []; document.addEventListener('securitypolicyviolation', \
+             e => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI)); return true;",
+        );
+        browser.click("#mode-video");
+        assert_eq!(browser.script("return document.getElementById('pair-mode').hidden;"), true);
+        browser.choose_file("video-file", &video);
+        browser.wait_for("the video to load", "return !document.getElementById('video-play').disabled;", Duration::from_secs(30));
+        browser.click("#video-play");
+        browser.wait_for(
+            "two answers drawn",
+            "return window.stereoVideo.stats().answered >= 2 && document.getElementById('video-output').width === 256;",
+            Duration::from_secs(180),
+        );
+        // The canvas holds the disparity in turbo colours: mostly non-black.
+        let coloured = browser.script(
+            "const c = document.getElementById('video-output'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; \
+             let n = 0; for (let k = 0; k < d.length; k += 4) if (d[k] + d[k + 1] + d[k + 2] > 30) n++; return n / (c.width * c.height);",
+        );
+        assert!(coloured.as_f64().unwrap() > 0.9, "the disparity is drawn: {coloured}");
+        let stats = browser.text("#video-stats");
+        assert!(stats.contains("frames/s") && stats.contains("latency") && stats.contains("dropped"), "{stats}");
+        let shot = browser.screenshot("video-mode.png");
+
+        // Pause stops sending: no frame goes out while paused.
+        browser.click("#video-play");
+        browser.wait_for("the pause", "return document.getElementById('video-left').paused;", Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(500));
+        let sent = browser.script("return window.stereoVideo.stats().sent;");
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(browser.script("return window.stereoVideo.stats().sent;"), sent, "nothing is sent while paused");
+        // The uncertainty view and the slider apply to the next frames; Step sends one.
+        browser.script("const s = document.getElementById('video-format'); s.value = 'uncertainty'; s.dispatchEvent(new Event('change')); return true;");
+        let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
+        browser.click("#video-step");
+        browser.wait_for(
+            "the stepped frame's deviation",
+            &format!("return window.stereoVideo.stats().answered > {answered} && document.getElementById('video-output-caption').textContent.startsWith('Uncertainty');"),
+            Duration::from_secs(120),
+        );
+        assert_eq!(browser.script("return window.cspViolations;"), json!([]), "blocked by the page's CSP");
+        shot
+    })
+    .await
+    .expect("browser session");
+    let image = image::open(&shot).unwrap();
+    assert!(image.width() >= 1000, "{}", shot.display());
+    println!("screenshot: {}", shot.display());
+    std::fs::remove_file(std::env::temp_dir().join(format!("stereo-recon-video-{}.webm", std::process::id()))).ok();
+}

@@ -228,3 +228,63 @@ async fn the_stream_cap_origin_and_handshake_are_checked_before_the_upgrade() {
     assert_eq!(plain.status, 400);
     assert_eq!(plain.json()["error"]["code"], "not_a_websocket");
 }
+
+/// The resident memory of this process (the server runs in it), MiB.
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
+async fn python_client(address: SocketAddr, folder: &std::path::Path, mode: &str) -> serde_json::Value {
+    let output = tokio::process::Command::new(venv_python())
+        .arg(repo().join("tests/clients/stream_client.py"))
+        .arg(address.to_string())
+        .arg(folder)
+        .arg(mode)
+        .output()
+        .await
+        .expect("python runs");
+    assert!(output.status.success(), "the client failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_streams_a_rendered_video_and_gets_its_exact_disparity_back() {
+    // Four frames of the rendered room seen by a rig moving forward: side-by-side
+    // frames, their views, and each frame's exact disparity.
+    let folder = std::env::temp_dir().join(format!("stereo-recon-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).unwrap();
+    for k in 0..4u32 {
+        let scene = stereo_recon::synthetic::render_from(256, 192, [0.05 * f64::from(k), 0.0, 0.1 * f64::from(k)]);
+        std::fs::write(folder.join(format!("frame_{k}.png")), side_by_side(&scene.left, &scene.right)).unwrap();
+        std::fs::write(folder.join(format!("left_{k}.png")), png(&scene.left)).unwrap();
+        std::fs::write(folder.join(format!("right_{k}.png")), png(&scene.right)).unwrap();
+        std::fs::write(folder.join(format!("truth_{k}.pfm")), stereo_recon::codec::pfm::encode(&scene.disparity))
+            .unwrap();
+    }
+    let server = start(state(ready_engine(2).await, DEFAULT_LIMITS)).await;
+
+    let seen = python_client(server.address, &folder, "frames").await;
+    assert_eq!(seen["subprotocol"], "stereo-recon");
+    let frames = seen["frames"].as_array().unwrap();
+    assert_eq!(frames.len(), 4);
+    for (k, frame) in frames.iter().enumerate() {
+        assert_eq!(frame["frame"], k as u64, "{frame}");
+        assert_eq!(frame["dropped"], 0, "answers awaited one by one skip nothing: {frame}");
+        assert_eq!(frame["shape"], serde_json::json!([192, 256]));
+        assert_eq!(frame["max_diff_to_api"], 0.0, "the stream answers what the API answers: {frame}");
+        assert!(frame["epe"].as_f64().unwrap() < 1.5, "close to the exact disparity: {frame}");
+    }
+
+    // Thirty frames at once: the newest ones are answered, the rest counted, memory flat.
+    let before = rss_mib();
+    let flood = python_client(server.address, &folder, "flood").await;
+    let after = rss_mib();
+    let (answered, dropped) = (flood["answered"].as_u64().unwrap(), flood["dropped"].as_u64().unwrap());
+    assert_eq!(answered + dropped, 30, "{flood}");
+    assert!(dropped >= 20, "frames sent at once are mostly skipped, not queued: {flood}");
+    assert_eq!(flood["frames"].as_array().unwrap().last().unwrap(), 29, "{flood}");
+    assert!(after < before + 150, "RSS {before} -> {after} MiB over 30 frames");
+    std::fs::remove_dir_all(&folder).ok();
+}

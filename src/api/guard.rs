@@ -109,9 +109,11 @@ pub async fn origin_policy(State(state): State<AppState>, request: Request, next
 }
 
 /// The page's content security policy: everything from this server, images
-/// also from `data:` and `blob:` URLs (the results arrive as base64), no
-/// framing by other sites.
+/// also from `data:` and `blob:` URLs (the results arrive as base64), videos
+/// from `blob:` URLs (a local file played in the video mode), no framing by
+/// other sites. `connect-src 'self'` covers the page's own WebSocket stream.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data: blob:; \
+    media-src 'self' blob:; \
     script-src 'self'; style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; \
     form-action 'self'; frame-ancestors 'none'";
 

@@ -143,12 +143,17 @@ pub struct Settings {
     /// `pair` (default: two messages per frame), `sbs` or `tb` (one packed image).
     #[serde(default)]
     pub layout: Option<FrameLayout>,
-    /// Pixels whose deviation is above this many pixels get no value.
-    #[serde(default)]
-    pub max_uncertainty: Option<f32>,
+    /// Pixels whose deviation is above this many pixels get no value; `null` turns it off.
+    #[serde(default, deserialize_with = "present")]
+    pub max_uncertainty: Option<Option<f32>>,
     /// The rig's calibration: a calibration file's text or our calibration object.
     #[serde(default)]
     pub calibration: Option<serde_json::Value>,
+}
+
+/// A field that is there, even as `null` (absent fields stay `None`: no change).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// How a frame's two views arrive.
@@ -190,11 +195,11 @@ fn apply_settings(current: &Current, text: &str) -> Result<Current, (CloseReason
     if let Some(layout) = settings.layout {
         next.layout = layout;
     }
-    if let Some(limit) = settings.max_uncertainty {
-        if !(limit.is_finite() && limit > 0.0) {
-            return Err(bad(format!("max_uncertainty {limit}: give a positive number of pixels")));
-        }
-        next.max_uncertainty = Some(limit);
+    match settings.max_uncertainty {
+        None => {}
+        Some(None) => next.max_uncertainty = None,
+        Some(Some(limit)) if limit.is_finite() && limit > 0.0 => next.max_uncertainty = Some(limit),
+        Some(Some(limit)) => return Err(bad(format!("max_uncertainty {limit}: give a positive number of pixels"))),
     }
     match settings.calibration {
         None | Some(serde_json::Value::Null) => {}
@@ -641,6 +646,8 @@ mod tests {
         assert_eq!((next.format, next.layout, next.max_uncertainty), (OutputFormat::Png16, FrameLayout::Sbs, None));
         let next = apply_settings(&next, r#"{"max_uncertainty": 2.5}"#).unwrap();
         assert_eq!((next.format, next.max_uncertainty), (OutputFormat::Png16, Some(2.5)));
+        assert_eq!(apply_settings(&next, r#"{"layout": "tb"}"#).unwrap().max_uncertainty, Some(2.5));
+        assert_eq!(apply_settings(&next, r#"{"max_uncertainty": null}"#).unwrap().max_uncertainty, None);
         for bad in [
             r#"{"format": "gif"}"#,
             r#"{"speed": 2}"#,

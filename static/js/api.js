@@ -4,8 +4,13 @@
 
 const STORAGE = "stereo-recon-api-key";
 
+// The key this tab was given, if any (the video stream offers it as a subprotocol).
+export function storedKey() {
+  return sessionStorage.getItem(STORAGE);
+}
+
 function withKey(options) {
-  const key = sessionStorage.getItem(STORAGE);
+  const key = storedKey();
   if (!key) return options;
   const headers = new Headers(options.headers || {});
   headers.set("Authorization", `Bearer ${key}`);
