@@ -249,11 +249,30 @@ async fn api_keys_guard_every_api_route_but_probes_metrics_and_the_page() {
     let reply = send(&app, multipart_request("/api/v1/disparity", &[("left", b"x"), ("right", b"y")])).await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
 
+    // A browser's WebSocket cannot set headers: the stream takes the key as a subprotocol.
+    let handshake = |protocols: &str| {
+        Request::get("/api/v1/stream")
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-protocol", protocols)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let reply = send(&app, handshake("stereo-recon")).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = send(&app, handshake("stereo-recon, bearer.first-key-012345678x")).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "a wrong key");
+    let reply = send(&app, handshake("stereo-recon, bearer.second-key-0123456789")).await;
+    // Past the key: this server's model failed to load, so the stream is refused for that.
+    assert_eq!(reply.error_code(), "engine_unavailable");
+
     for open in ["/api/v1/health", "/v2/health/live", "/v2/health/ready", "/metrics", "/", "/static/app.js"] {
         assert_ne!(send(&app, with(open, None)).await.status, StatusCode::UNAUTHORIZED, "{open}");
     }
     let metrics = String::from_utf8(send(&app, with("/metrics", None)).await.body.to_vec()).unwrap();
-    assert!(metrics.contains("stereo_recon_rejected_total{reason=\"unauthorized\"} 4"), "{metrics}");
+    assert!(metrics.contains("stereo_recon_rejected_total{reason=\"unauthorized\"} 6"), "{metrics}");
 
     // Without keys (the default) nothing asks for one.
     let open = app_without_keys().await;
