@@ -52,7 +52,7 @@ help:
 	@echo "make bench-request   decode/encode phases per format at KITTI size and 512x384"
 	@echo "make bench-peers     our network on ONNX Runtime and OpenVINO vs eager, TorchScript, our engine (CPU)"
 	@echo "make bench-batch     batch vs one predict per pair vs a sequential loop, engine busy %"
-	@echo "make bench-stream    the WebSocket stream: frames/s and latency, 1 and 4 streams"
+	@echo "make bench-stream    the WebSocket stream: frames/s and latency, 1 and 4 streams, scale 1 and 0.5"
 	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...)"
 	@echo "make bundle  the Docker image's runtime layout in target/bundle;  make image  docker build"
 	@echo "Downloads are cached in $(CACHE)."
@@ -171,7 +171,7 @@ $(VENV)/.peers: models/requirements-peers.txt | $(VENV)/.installed
 	$(PYTHON) -m pip install --quiet -r models/requirements-peers.txt
 	touch $@
 
-# The WebSocket stream's frames/s and latency, 1 and 4 streams, two sizes (docs/stream.md).
+# The WebSocket stream's frames/s and latency, 1 and 4 streams, two sizes, scale 1 and 0.5 (docs/stream.md).
 STREAM_BENCH_ARGS ?= --json target/bench-stream.json
 bench-stream: model release
 	cargo bench --locked --bench stream -- $(STREAM_BENCH_ARGS)

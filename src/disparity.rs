@@ -46,6 +46,30 @@ impl DisparityMap {
     }
 
     /// Min, max and mean over finite values; all zero for a map with none.
+    /// The map resampled to `width` x `height` (bilinear, about pixel centres) with every
+    /// value multiplied by the width ratio: a disparity of a downscaled pair in pixels of
+    /// the full-size images, to score against a full-size ground truth.
+    pub fn upscaled(&self, width: u32, height: u32) -> DisparityMap {
+        let (sx, sy) = (self.width as f64 / width as f64, self.height as f64 / height as f64);
+        let gain = (width as f64 / self.width as f64) as f32;
+        let source = |position: f64, scale: f64, size: u32| {
+            let p = ((position + 0.5) * scale - 0.5).clamp(0.0, f64::from(size - 1));
+            let low = p.floor() as u32;
+            (low, (low + 1).min(size - 1), (p - f64::from(low)) as f32)
+        };
+        let mut values = Vec::with_capacity(width as usize * height as usize);
+        for y in 0..height {
+            let (y0, y1, fy) = source(f64::from(y), sy, self.height);
+            for x in 0..width {
+                let (x0, x1, fx) = source(f64::from(x), sx, self.width);
+                let top = self.get(x0, y0) * (1.0 - fx) + self.get(x1, y0) * fx;
+                let bottom = self.get(x0, y1) * (1.0 - fx) + self.get(x1, y1) * fx;
+                values.push((top * (1.0 - fy) + bottom * fy) * gain);
+            }
+        }
+        DisparityMap { width, height, values }
+    }
+
     pub fn stats(&self) -> DisparityStats {
         let mut min = f32::INFINITY;
         let mut max = f32::NEG_INFINITY;
@@ -66,6 +90,16 @@ impl DisparityMap {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_upscaled_map_is_in_full_size_pixels() {
+        let half = DisparityMap::new(2, 1, vec![10.0, 20.0]).unwrap();
+        let full = half.upscaled(4, 2);
+        assert_eq!((full.width(), full.height()), (4, 2));
+        // Values double (pixels of the wider image); centres interpolate, edges clamp.
+        assert_eq!(full.values()[..4], [20.0, 25.0, 35.0, 40.0]);
+        assert_eq!(full.values()[4..], full.values()[..4]);
+    }
+
     use super::*;
 
     #[test]

@@ -376,6 +376,7 @@ fn bad_options_and_a_missing_ffmpeg_are_told_before_any_work() {
     let cases: Vec<(Vec<&str>, Vec<PathBuf>, &str)> = vec![
         (vec!["--formats", "gif"], vec![data.clone()], "unknown format \"gif\""),
         (vec!["--formats", "png16", "--max-uncertainty=-1"], vec![data.clone()], "--max-uncertainty"),
+        (vec!["--scale", "2"], vec![data.clone()], "--scale 2: give a factor from 0.25 to 1"),
         (vec![], vec![dir.join("missing")], "no such file or folder"),
         (vec![], vec![dir.join("clip.mkv")], "needs --layout"),
         (vec!["--layout", "sbs"], vec![dir.join("clip.mkv")], "clip.mkv"),
@@ -395,6 +396,23 @@ fn bad_options_and_a_missing_ffmpeg_are_told_before_any_work() {
     command.arg(dir.join("o")).arg(dir.join("clip.mkv")).env("PATH", "/nonexistent");
     let (ok, _, stderr) = run(command);
     assert!(!ok && stderr.contains("ffprobe") && stderr.contains("apt-get install ffmpeg"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_scaled_run_writes_scaled_outputs_and_says_so() {
+    let dir = scratch("scaled");
+    let data = six_pairs(&dir);
+    let mut command = batch(&["--formats", "png16", "--scale", "0.5", "--json", "--out"]);
+    command.arg(dir.join("out")).arg(&data);
+    let (ok, stdout, stderr) = run(command);
+    assert!(ok, "{stdout}{stderr}");
+    let summary = lines(&stdout).last().unwrap()["summary"].clone();
+    assert_eq!(summary["options"]["scale"], 0.5, "{summary}");
+    for k in 0..6 {
+        let png = image::open(dir.join(format!("out/png16/p{k}.png"))).unwrap();
+        assert_eq!((png.width(), png.height()), (48, 32), "p{k}: half of 96 x 64");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -507,6 +507,12 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
         assert!(coloured.as_f64().unwrap() > 0.9, "the disparity is drawn: {coloured}");
         let stats = browser.text("#video-stats");
         assert!(stats.contains("frames/s") && stats.contains("latency") && stats.contains("dropped"), "{stats}");
+        // Where a frame takes over a second (a CPU), the page proposes a scale that keeps up.
+        let seen = browser.script(
+            "return [window.stereoVideo.last().timings_ms.inference_ms, document.getElementById('video-scale-hint').textContent];",
+        );
+        let (inference, hint) = (seen[0].as_f64().unwrap(), seen[1].as_str().unwrap());
+        assert_eq!(hint.contains("keeps up better"), inference > 1000.0, "{inference} ms: {hint:?}");
         let shot = browser.screenshot("video-mode.png");
 
         // Pause stops sending: no frame goes out while paused.

@@ -472,3 +472,53 @@ fn cli_writes_depth_and_a_ply_for_a_turned_rig() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn scale_runs_the_network_on_a_smaller_pair_and_says_so() {
+    let app = app(ready_engine(1).await);
+    // 512 x 384: at half scale the network still sees a 256 x 192 pair, the smallest it is
+    // accurate on (smaller ones are mostly padding).
+    let SmallScene { left, right, calibration, truth } = scene(512, 384);
+    let calib = formats::write_json(&calibration);
+    let request =
+        |uri: &str| multipart_request(uri, &[("left", &left), ("right", &right), ("calibration", calib.as_bytes())]);
+
+    let full = send(&app, request("/api/v1/disparity?uncertainty=false")).await.json();
+    let half = send(&app, request("/api/v1/disparity?uncertainty=false&scale=0.5")).await;
+    assert_eq!(half.status, StatusCode::OK, "{}", String::from_utf8_lossy(&half.body));
+    let half = half.json();
+    assert_eq!(
+        (half["width"].as_u64(), half["height"].as_u64(), half["scale"].as_f64()),
+        (Some(256), Some(192), Some(0.5))
+    );
+    assert!(full.get("scale").is_none(), "full size says nothing");
+    // The calibration follows the images: half the focal length, the same metric depth.
+    let fx = |answer: &serde_json::Value| answer["reconstruction"]["camera"]["fx"].as_f64().unwrap();
+    assert_eq!(fx(&half), fx(&full) / 2.0);
+    let (full_depth, half_depth) = (
+        full["reconstruction"]["depth"]["median"].as_f64().unwrap(),
+        half["reconstruction"]["depth"]["median"].as_f64().unwrap(),
+    );
+    assert!(
+        (half_depth / full_depth - 1.0).abs() < 0.1,
+        "median depth {half_depth} m at half size, {full_depth} m at full"
+    );
+    // Disparities are in pixels of the scaled images: about half.
+    let ratio = half["disparity"]["mean"].as_f64().unwrap() / full["disparity"]["mean"].as_f64().unwrap();
+    assert!((ratio - 0.5).abs() < 0.05, "{ratio}");
+
+    let file = send(&app, request("/api/v1/disparity?format=png16&scale=0.75")).await;
+    assert_eq!(file.status, StatusCode::OK);
+    assert_eq!(file.header("x-scale"), "0.75");
+    assert_eq!(image::load_from_memory(&file.body).unwrap().width(), 384);
+
+    let bad = send(&app, request("/api/v1/disparity?scale=0.1")).await;
+    assert_eq!((bad.status, bad.error_code()), (StatusCode::BAD_REQUEST, "invalid_query".to_owned()));
+    let truth_pfm = stereo_recon::codec::pfm::encode(&truth);
+    let with_truth = multipart_request(
+        "/api/v1/disparity?scale=0.5",
+        &[("left", &left), ("right", &right), ("ground_truth", &truth_pfm)],
+    );
+    let refused = send(&app, with_truth).await;
+    assert_eq!((refused.status, refused.error_code()), (StatusCode::BAD_REQUEST, "scale_with_ground_truth".to_owned()));
+}

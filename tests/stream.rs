@@ -136,6 +136,21 @@ async fn frames_are_answered_as_the_api_answers_their_pairs() {
     )
     .await;
     assert_eq!(image, api.body.to_vec(), "a packed frame gives the same PFM as its two views");
+
+    // At half scale the answer is half the size, and says so.
+    client.send(Message::text(r#"{"scale": 0.5, "format": "png16", "max_uncertainty": null}"#)).await.unwrap();
+    client.send(Message::binary(side_by_side(&left, &right))).await.unwrap();
+    let (text, image) = answer(&mut client).await;
+    assert_eq!(
+        (text["width"].as_u64(), text["height"].as_u64(), text["scale"].as_f64()),
+        (Some(48), Some(32), Some(0.5))
+    );
+    let api = send(
+        &app,
+        multipart_request("/api/v1/disparity?format=png16&scale=0.5", &[("left", &left_png), ("right", &right_png)]),
+    )
+    .await;
+    assert_eq!(image, api.body.to_vec(), "scaled like the API scales");
     client.close(None).await.unwrap();
 }
 

@@ -50,6 +50,8 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("invalid_calibration", 400, "the calibration cannot be read or is inconsistent"),
     ("calibration_required", 400, "format depth, depth16, ply or depth_uncertainty without a calibration"),
     ("ground_truth_needs_rectified_pair", 400, "ground truth sent with a pair the server must rectify"),
+    ("invalid_scale", 400, "a scale outside 0.25 to 1"),
+    ("scale_with_ground_truth", 400, "a ground truth sent with scale below 1 (scores are at full size)"),
     ("invalid_base64", 400, "a JSON image field is not base64"),
     ("invalid_json", 400, "the JSON body is malformed"),
     ("invalid_multipart", 400, "the multipart body is malformed"),
@@ -288,7 +290,9 @@ fn pipeline_status(e: &PipelineError) -> StatusCode {
         | PipelineError::GroundTruthSizeMismatch { .. }
         | PipelineError::Calibration(_)
         | PipelineError::CalibrationRequired(_)
-        | PipelineError::GroundTruthNeedsRectifiedPair => StatusCode::BAD_REQUEST,
+        | PipelineError::GroundTruthNeedsRectifiedPair
+        | PipelineError::InvalidScale(_)
+        | PipelineError::ScaleWithGroundTruth => StatusCode::BAD_REQUEST,
         PipelineError::Image { source, .. } => match source {
             DecodeError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             DecodeError::UnsupportedFormat(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -329,6 +333,8 @@ fn pipeline_code(e: &PipelineError) -> &'static str {
         },
         PipelineError::CalibrationRequired(_) => "calibration_required",
         PipelineError::GroundTruthNeedsRectifiedPair => "ground_truth_needs_rectified_pair",
+        PipelineError::InvalidScale(_) => "invalid_scale",
+        PipelineError::ScaleWithGroundTruth => "scale_with_ground_truth",
         PipelineError::PaddedTooLarge { .. } => "too_many_pixels",
         PipelineError::BudgetFull { .. } => "upload_budget_full",
         PipelineError::Engine(e) => match e {

@@ -20,8 +20,11 @@ pub const EVAL_D1: HeaderName = HeaderName::from_static("x-eval-d1");
 /// Pixels `max_uncertainty` gave no value.
 pub const MASKED_PIXELS: HeaderName = HeaderName::from_static("x-masked-pixels");
 
+/// With `scale` below 1: the factor the pair was downscaled by (the file is at that size).
+pub const SCALE: HeaderName = HeaderName::from_static("x-scale");
+
 /// Every header of ours a browser page may read, in the CORS expose list.
-pub const EXPOSED: [HeaderName; 10] = [
+pub const EXPOSED: [HeaderName; 11] = [
     SERVER_TIMING,
     header::RETRY_AFTER,
     DISPARITY_MIN,
@@ -32,6 +35,7 @@ pub const EXPOSED: [HeaderName; 10] = [
     EVAL_EPE,
     EVAL_D1,
     MASKED_PIXELS,
+    SCALE,
 ];
 
 /// `Access-Control-Expose-Headers`: the names of [`EXPOSED`].

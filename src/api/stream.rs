@@ -149,6 +149,10 @@ pub struct Settings {
     /// The rig's calibration: a calibration file's text or our calibration object.
     #[serde(default)]
     pub calibration: Option<serde_json::Value>,
+    /// Run the network on frames downscaled by this factor (0.25 to 1); answers come at
+    /// the scaled size. What makes a CPU stream usable.
+    #[serde(default)]
+    pub scale: Option<f32>,
 }
 
 /// A field that is there, even as `null` (absent fields stay `None`: no change).
@@ -173,11 +177,18 @@ struct Current {
     layout: FrameLayout,
     max_uncertainty: Option<f32>,
     calibration: Option<(Calibration, CalibrationFormat)>,
+    scale: Option<f32>,
 }
 
 impl Default for Current {
     fn default() -> Self {
-        Current { format: OutputFormat::Color, layout: FrameLayout::Pair, max_uncertainty: None, calibration: None }
+        Current {
+            format: OutputFormat::Color,
+            layout: FrameLayout::Pair,
+            max_uncertainty: None,
+            calibration: None,
+            scale: None,
+        }
     }
 }
 
@@ -200,6 +211,12 @@ fn apply_settings(current: &Current, text: &str) -> Result<Current, (CloseReason
         Some(None) => next.max_uncertainty = None,
         Some(Some(limit)) if limit.is_finite() && limit > 0.0 => next.max_uncertainty = Some(limit),
         Some(Some(limit)) => return Err(bad(format!("max_uncertainty {limit}: give a positive number of pixels"))),
+    }
+    if let Some(scale) = settings.scale {
+        if let Some(problem) = pipeline::scale_problem(scale) {
+            return Err(bad(problem));
+        }
+        next.scale = Some(scale);
     }
     match settings.calibration {
         None | Some(serde_json::Value::Null) => {}
@@ -298,7 +315,7 @@ impl Shared {
 /// Open a stereo video stream (WebSocket).
 ///
 /// Upgrade to a WebSocket, then send an optional settings message
-/// `{"format", "layout", "max_uncertainty", "calibration"}` and frames; see docs/stream.md.
+/// `{"format", "layout", "max_uncertainty", "scale", "calibration"}` and frames; see docs/stream.md.
 /// Browsers may pass the API key as the subprotocol `bearer.KEY`.
 #[utoipa::path(
     get,
@@ -509,7 +526,9 @@ fn close_for_pipeline(e: &PipelineError) -> Option<CloseReason> {
         | PipelineError::CalibrationRequired(_)
         | PipelineError::InvalidGroundTruth(_)
         | PipelineError::GroundTruthSizeMismatch { .. }
-        | PipelineError::GroundTruthNeedsRectifiedPair => Some(CloseReason::Violation),
+        | PipelineError::GroundTruthNeedsRectifiedPair
+        | PipelineError::InvalidScale(_)
+        | PipelineError::ScaleWithGroundTruth => Some(CloseReason::Violation),
         PipelineError::Engine(EngineError::NotReady | EngineError::Stopped | EngineError::Load(_)) => {
             Some(CloseReason::GoingAway)
         }
@@ -526,6 +545,9 @@ struct FrameAnswer {
     width: u32,
     height: u32,
     format: &'static str,
+    /// With `scale` below 1: the answer is at the scaled size, in its pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<f32>,
     disparity: DisparityStats,
     #[serde(skip_serializing_if = "Option::is_none")]
     uncertainty: Option<FrameUncertainty>,
@@ -560,7 +582,12 @@ async fn answer_frames(state: &AppState, sink: &mut futures_util::stream::SplitS
             pair: frame.pair,
             ground_truth: None,
             calibration: settings.calibration,
-            options: Options { formats: vec![format], max_uncertainty: settings.max_uncertainty, ..Options::default() },
+            options: Options {
+                formats: vec![format],
+                max_uncertainty: settings.max_uncertainty,
+                scale: settings.scale,
+                ..Options::default()
+            },
             started: frame.received,
             receiving: None,
         };
@@ -595,6 +622,7 @@ async fn answer_frames(state: &AppState, sink: &mut futures_util::stream::SplitS
             width: outcome.disparity.width(),
             height: outcome.disparity.height(),
             format: format.label(),
+            scale: outcome.scale,
             disparity: answer.stats,
             uncertainty: outcome.uncertainty.as_ref().map(|sigma| FrameUncertainty {
                 stats: crate::uncertainty::stats(sigma),
@@ -648,7 +676,9 @@ mod tests {
         assert_eq!((next.format, next.max_uncertainty), (OutputFormat::Png16, Some(2.5)));
         assert_eq!(apply_settings(&next, r#"{"layout": "tb"}"#).unwrap().max_uncertainty, Some(2.5));
         assert_eq!(apply_settings(&next, r#"{"max_uncertainty": null}"#).unwrap().max_uncertainty, None);
+        assert_eq!(apply_settings(&base, r#"{"scale": 0.5}"#).unwrap().scale, Some(0.5));
         for bad in [
+            r#"{"scale": 0.1}"#,
             r#"{"format": "gif"}"#,
             r#"{"speed": 2}"#,
             "not json",

@@ -197,6 +197,31 @@ impl Calibration {
         }
     }
 
+    /// The same rig for its images resized from `from` to `to` (width, height): each
+    /// camera's focal lengths, skew and principal point scale with the image, about
+    /// pixel centres (`c' = (c + 0.5) s - 0.5`); distortion, rotation and baseline stay.
+    pub fn scaled(&self, from: (u32, u32), to: (u32, u32)) -> Calibration {
+        let sx = f64::from(to.0) / f64::from(from.0);
+        let sy = f64::from(to.1) / f64::from(from.1);
+        let camera = |c: &Camera| {
+            let k = c.k;
+            let k = [
+                [k[0][0] * sx, k[0][1] * sx, (k[0][2] + 0.5) * sx - 0.5],
+                [0.0, k[1][1] * sy, (k[1][2] + 0.5) * sy - 0.5],
+                [0.0, 0.0, 1.0],
+            ];
+            Camera { k, dist: c.dist.clone() }
+        };
+        Calibration {
+            image_size: self.image_size.map(|_| [to.0, to.1]),
+            units: self.units,
+            left: camera(&self.left),
+            right: camera(&self.right),
+            r: self.r,
+            t: self.t,
+        }
+    }
+
     /// Distance between the camera centres, in `units`.
     pub fn baseline(&self) -> f64 {
         geometry::norm(&self.t)
@@ -311,6 +336,16 @@ pub(crate) mod tests {
             r: geometry::IDENTITY,
             t: [-0.1, 0.0, 0.0],
         }
+    }
+
+    #[test]
+    fn a_scaled_rig_keeps_its_geometry_about_pixel_centres() {
+        let half = synthetic().scaled((512, 384), (256, 192));
+        assert_eq!(half.image_size, Some([256, 192]));
+        // The image centre (255.5, 191.5) stays the centre: (127.5, 95.5).
+        assert_eq!(half.left.k, [[240.0, 0.0, 127.5], [0.0, 240.0, 95.5], [0.0, 0.0, 1.0]]);
+        assert_eq!((half.t, half.r), (synthetic().t, synthetic().r));
+        assert!(half.validate().is_ok());
     }
 
     #[test]

@@ -306,6 +306,10 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
     if pairs.is_empty() {
         return Err("no stereo pairs found (KITTI, Middlebury, left/ + right/ or pair folders)".into());
     }
+    if let Some(problem) = args.scale.and_then(crate::pipeline::scale_problem) {
+        return Err(format!("--{}", problem.replacen('=', " ", 1)));
+    }
+    let scale = args.scale.filter(|&s| s < 1.0);
     let pipeline = start_pipeline(&args.model, 1).await?;
     let formats = if args.save.is_some() {
         vec![OutputFormat::Pfm, OutputFormat::Uncertainty, OutputFormat::Color]
@@ -322,32 +326,44 @@ pub async fn eval(args: EvalArgs) -> Result<String, String> {
             Some(path) => Some(std::fs::read(path).map(Bytes::from).map_err(|e| format!("{}: {e}", path.display()))?),
             None => None,
         };
+        let gt_scale = files.gt_scale.or(args.gt_scale);
+        // Downscaled: the pipeline runs without the ground truth, which is then decoded here and
+        // scored at its own size against the prediction upscaled to it.
+        let full_size_truth = match (scale, &ground_truth) {
+            (Some(_), Some(bytes)) => Some(
+                crate::eval::decode_ground_truth(bytes, gt_scale, pipeline.max_pixels)
+                    .map_err(|e| format!("{}: the ground truth: {e}", files.name))?,
+            ),
+            _ => None,
+        };
         let request = Request {
             pair: read_pair_files(&files.left, &files.right)?,
-            ground_truth,
+            ground_truth: if scale.is_some() { None } else { ground_truth },
             calibration: None,
-            options: Options {
-                formats: formats.clone(),
-                gt_scale: files.gt_scale.or(args.gt_scale),
-                uncertainty: true,
-                ..Options::default()
-            },
+            options: Options { formats: formats.clone(), gt_scale, uncertainty: true, scale, ..Options::default() },
             started: Instant::now(),
             receiving: None,
         };
         let outcome = pipeline.run(request).await.map_err(|e| format!("{}: {e}", files.name))?;
         device = outcome.model.as_ref().map_or(String::new(), |m| m.device.clone());
-        let map = &outcome.disparity;
         let sigma =
             outcome.uncertainty.as_ref().ok_or_else(|| format!("{}: the engine gave no uncertainty", files.name))?;
-        let masked = match (&files.mask, &outcome.truth) {
+        let upscaled = full_size_truth.as_ref().map(|truth| {
+            (outcome.disparity.upscaled(truth.width(), truth.height()), sigma.upscaled(truth.width(), truth.height()))
+        });
+        let (map, sigma) = match &upscaled {
+            Some((map, sigma)) => (map, sigma),
+            None => (&outcome.disparity, sigma),
+        };
+        let truth = full_size_truth.as_ref().or(outcome.truth.as_ref());
+        let masked = match (&files.mask, truth) {
             (Some(mask), Some(truth)) => {
                 let bytes = std::fs::read(mask).map_err(|e| format!("{}: {e}", mask.display()))?;
                 Some(crate::eval::apply_mask(truth, &bytes).map_err(|e| format!("{}: {e}", mask.display()))?)
             }
             _ => None,
         };
-        let truth = masked.as_ref().or(outcome.truth.as_ref());
+        let truth = masked.as_ref().or(truth);
         let metrics = truth.map(|truth| {
             let mut acc = Accumulator::default();
             acc.add(map, truth, args.maxdisp);

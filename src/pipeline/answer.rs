@@ -137,8 +137,13 @@ struct RectificationSummary {
 /// The JSON answer's fields besides `images` (which is written before them).
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct JsonSummary<'a> {
+    /// The maps' size: the pair's, or with `scale` the scaled pair's.
     pub width: u32,
     pub height: u32,
+    /// With `scale` below 1: the factor the pair was downscaled by; disparities are in
+    /// pixels of the scaled images (divide by it for the original's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f32>,
     pub disparity: DisparityStats,
     pub device: &'a str,
     pub model: &'a str,
@@ -502,6 +507,7 @@ mod tests {
         let summary = JsonSummary {
             width: 2,
             height: 2,
+            scale: None,
             disparity: answer.stats,
             device: "cpu",
             model: "m",

@@ -31,6 +31,10 @@ pub enum PipelineError {
     #[error("the server is receiving and decoding as many uploads as its memory budget allows ({budget_bytes} bytes); retry shortly")]
     BudgetFull { budget_bytes: u64 },
     #[error("{0}")]
+    InvalidScale(String),
+    #[error("a ground truth is scored at the images' full size: leave out scale (or use `eval --scale`, which upscales the prediction)")]
+    ScaleWithGroundTruth,
+    #[error("{0}")]
     Engine(#[from] EngineError),
     /// A step's worker went away (a bug, logged; never the client's fault).
     #[error("internal error: {0}")]

@@ -78,9 +78,34 @@ pub struct Options {
     /// Compute the disparity's deviation for the outcome (and a JSON answer)
     /// even when no format or limit needs it.
     pub uncertainty: bool,
+    /// Run the network on the pair downscaled by this factor ([`SCALE_RANGE`]); the maps
+    /// come at the scaled size, in its pixels. Fewer pixels: about `1 / scale^2` faster.
+    pub scale: Option<f32>,
+}
+
+/// The smallest and largest `scale`.
+pub const SCALE_RANGE: (f32, f32) = (0.25, 1.0);
+
+/// Why a `scale` is not accepted, or `None` when it is.
+pub fn scale_problem(scale: f32) -> Option<String> {
+    let (low, high) = SCALE_RANGE;
+    (!(scale.is_finite() && (low..=high).contains(&scale))).then(|| {
+        format!("scale={scale}: give a factor from {low} to {high} (0.5 runs the network on half the width and height)")
+    })
+}
+
+/// The size a `width` x `height` image is scaled to (each side at least 1 pixel).
+pub fn scaled_size(width: u32, height: u32, scale: f32) -> (u32, u32) {
+    let side = |n: u32| ((f64::from(n) * f64::from(scale)).round() as u32).max(1);
+    (side(width), side(height))
 }
 
 impl Options {
+    /// The scale to run at, when it is below 1.
+    pub fn downscale(&self) -> Option<f32> {
+        self.scale.filter(|&s| s < 1.0)
+    }
+
     /// Whether the engine must also give the disparity's deviation.
     pub fn needs_uncertainty(&self) -> bool {
         let in_files = self.formats.iter().any(|f| *f != OutputFormat::Json && f.carries_uncertainty());
@@ -119,6 +144,8 @@ pub struct Outcome {
     pub truth: Option<DisparityMap>,
     /// With a calibration: whether the pair was resampled onto rectified cameras.
     pub rectified: Option<bool>,
+    /// The factor the pair was downscaled by before the network (none: full size).
+    pub scale: Option<f32>,
     pub timings: Timings,
     /// The engine's part of `inference`.
     pub phases: InferencePhases,
@@ -156,13 +183,22 @@ impl Pipeline {
         if let (Some(format), None) = (options.needing_calibration(), &calibration) {
             return Err(PipelineError::CalibrationRequired(format.label()));
         }
+        if let Some(problem) = options.scale.and_then(scale_problem) {
+            return Err(PipelineError::InvalidScale(problem));
+        }
+        let scale = options.downscale();
+        if scale.is_some() && ground_truth.is_some() {
+            return Err(PipelineError::ScaleWithGroundTruth);
+        }
         let decode_started = Instant::now();
         let (max_pixels, budget, gt_scale, max_depth) =
             (self.max_pixels, self.budget.clone(), options.gt_scale, options.max_depth);
-        let prepared =
-            pool::run(move || prepare(pair, ground_truth, calibration, &budget, max_pixels, gt_scale, max_depth))
-                .await
-                .map_err(PipelineError::Internal)??;
+        let prepared = pool::run(move || {
+            let settings = PrepareSettings { max_pixels, gt_scale, max_depth, scale };
+            prepare(pair, ground_truth, calibration, &budget, settings)
+        })
+        .await
+        .map_err(PipelineError::Internal)??;
         // The received bytes are gone once decoded; the queue bounds the decoded pairs from here.
         drop(receiving);
         let decode = decode_started.elapsed();
@@ -187,7 +223,7 @@ impl Pipeline {
         })
         .await
         .map_err(PipelineError::Internal)?;
-        Ok(Outcome { answers, disparity, uncertainty, truth, rectified, timings, phases, model })
+        Ok(Outcome { answers, disparity, uncertainty, truth, rectified, scale, timings, phases, model })
     }
 }
 
@@ -244,6 +280,7 @@ fn encode(
             let summary = JsonSummary {
                 width: map.width(),
                 height: map.height(),
+                scale: options.downscale(),
                 disparity: answer.stats,
                 device,
                 model,
@@ -344,17 +381,26 @@ fn pixels_to_image(width: u32, height: u32, bytes: &[u8]) -> image::Rgb32FImage 
     unit_rgb(width, height, bytes, 3)
 }
 
+/// The options the decode step needs.
+#[derive(Clone, Copy)]
+struct PrepareSettings {
+    max_pixels: u64,
+    gt_scale: Option<f32>,
+    max_depth: Option<f64>,
+    /// Downscale the pair by this factor (below 1) before the network.
+    scale: Option<f32>,
+}
+
 /// The decode step: sizes first (nothing decoded yet), then the decoded bytes
-/// admitted to the budget, then the pixels, the ground truth and the rectification.
+/// admitted to the budget, then the pixels, the ground truth, the scaling and the rectification.
 fn prepare(
     pair: PairInput,
     ground_truth: Option<Bytes>,
     calibration: Option<(Calibration, CalibrationFormat)>,
     budget: &UploadBudget,
-    max_pixels: u64,
-    gt_scale: Option<f32>,
-    max_depth: Option<f64>,
+    settings: PrepareSettings,
 ) -> Result<Prepared, PipelineError> {
+    let PrepareSettings { max_pixels, gt_scale, max_depth, scale } = settings;
     let (width, height) = match &pair {
         PairInput::Files { left, right } => probe_pair(left, right, max_pixels)?,
         PairInput::Pixels { width, height, left, right } => {
@@ -392,6 +438,25 @@ fn prepare(
             });
         }
     }
+    let (left, right, calibration) = match scale {
+        None => (left, right, calibration),
+        Some(scale) => {
+            let (scaled_width, scaled_height) = scaled_size(width, height, scale);
+            let resize = |image: &image::Rgb32FImage| {
+                image::imageops::resize(image, scaled_width, scaled_height, image::imageops::FilterType::Triangle)
+            };
+            let (left, right) = rayon::join(|| resize(&left), || resize(&right));
+            let calibration = match calibration {
+                None => None,
+                Some((calibration, format)) => {
+                    calibration.check_size(width, height)?;
+                    Some((calibration.scaled((width, height), (scaled_width, scaled_height)), format))
+                }
+            };
+            (left, right, calibration)
+        }
+    };
+    let (width, height) = left.dimensions();
     let (pair, reconstruction) = match calibration {
         None => (StereoPair::new(left, right)?, None),
         Some((calibration, format)) => {
@@ -410,6 +475,30 @@ fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(max_pixels: u64) -> PrepareSettings {
+        PrepareSettings { max_pixels, gt_scale: None, max_depth: None, scale: None }
+    }
+
+    #[test]
+    fn a_scaled_pair_is_resized_before_the_network() {
+        assert_eq!(scaled_size(1242, 375, 0.5), (621, 188));
+        assert_eq!(scaled_size(3, 3, 0.25), (1, 1));
+        assert!(scale_problem(0.5).is_none() && scale_problem(1.0).is_none());
+        for bad in [0.2, 1.5, f32::NAN, 0.0] {
+            assert!(scale_problem(bad).is_some(), "{bad}");
+        }
+        let budget = UploadBudget::new(1 << 30);
+        let pixels = PairInput::Pixels {
+            width: 40,
+            height: 20,
+            left: Bytes::from(vec![128; 40 * 20 * 3]),
+            right: Bytes::from(vec![128; 40 * 20 * 3]),
+        };
+        let scaled = PrepareSettings { scale: Some(0.5), ..settings(1 << 20) };
+        let prepared = prepare(pixels, None, None, &budget, scaled).map_err(|e| e.to_string()).unwrap();
+        assert_eq!(prepared.pair.dimensions(), (20, 10));
+    }
 
     #[test]
     fn padded_size_is_what_counts() {
@@ -432,7 +521,7 @@ mod tests {
             left: Bytes::from(vec![0; left]),
             right: Bytes::from(vec![0; right]),
         };
-        let run = |pair| prepare(pair, None, None, &budget, 1 << 20, None, None).map(|p| p.pair.dimensions());
+        let run = |pair| prepare(pair, None, None, &budget, settings(1 << 20)).map(|p| p.pair.dimensions());
         assert_eq!(run(pixels(4, 2, 24, 24)).unwrap(), (4, 2));
         assert!(matches!(run(pixels(4, 2, 24, 23)), Err(PipelineError::Image { field: "right", .. })));
         assert!(matches!(
@@ -459,7 +548,7 @@ mod tests {
         ));
         let budget = UploadBudget::new(1 << 30);
         let packed = PairInput::Packed { image: Bytes::from(png), layout: VideoLayout::Sbs };
-        let prepared = prepare(packed, None, None, &budget, 1 << 20, None, None).map_err(|e| e.to_string());
+        let prepared = prepare(packed, None, None, &budget, settings(1 << 20)).map_err(|e| e.to_string());
         assert_eq!(prepared.map(|p| p.pair.dimensions()).unwrap(), (4, 2));
         let decoded = crate::decode::to_rgb_unit(image::DynamicImage::ImageRgb8(frame));
         let (left, right) = unpack_views(&decoded, VideoLayout::Sbs, 4, 2);

@@ -20,10 +20,14 @@ const stream = {
   answerTimes: [],
   latency: 0,
   recorder: null,
+  last: null, // the latest answer's text message
 };
 
 // For tests and curious users: what the stream has done so far.
-window.stereoVideo = { stats: () => ({ sent: stream.sent, answered: stream.answered, dropped: stream.dropped }) };
+window.stereoVideo = {
+  stats: () => ({ sent: stream.sent, answered: stream.answered, dropped: stream.dropped }),
+  last: () => stream.last,
+};
 
 const grab = document.createElement("canvas");
 const grabRight = document.createElement("canvas");
@@ -35,7 +39,27 @@ function layout() {
 function settings() {
   const sigma = Number($("video-sigma").value);
   const off = sigma >= Number($("video-sigma").max);
-  return { format: $("video-format").value, layout: layout(), max_uncertainty: off ? null : sigma / 4 };
+  return {
+    format: $("video-format").value,
+    layout: layout(),
+    max_uncertainty: off ? null : sigma / 4,
+    scale: Number($("video-scale").value),
+  };
+}
+
+// The scale whose frames should take about a second here, from how long the last one took:
+// the network's time goes with the number of pixels, so with the square of the scale.
+function scaleThatKeepsUp(inferenceMs, scale) {
+  const wanted = scale * Math.sqrt(1000 / Math.max(inferenceMs, 1));
+  const offered = [...$("video-scale").options].map((o) => Number(o.value));
+  return offered.find((s) => s <= wanted) ?? offered[offered.length - 1];
+}
+
+function proposeScale(info) {
+  const scale = info.scale ?? 1;
+  const proposed = scaleThatKeepsUp(info.timings_ms.inference_ms, scale);
+  $("video-scale-hint").textContent =
+    proposed < scale ? `a frame takes ${(info.timings_ms.inference_ms / 1000).toFixed(1)} s here: scale ${proposed} keeps up better` : "";
 }
 
 function sendSettings() {
@@ -109,6 +133,8 @@ function onAnswer(info, data) {
     `frame ${info.frame} · ${rate.toFixed(1)} frames/s · latency ${Math.round(stream.latency)} ms · ` +
     `inference ${Math.round(info.timings_ms.inference_ms)} ms · dropped ${stream.dropped} of ${stream.sent} sent · ` +
     `disparity ${info.disparity.min.toFixed(1)}–${info.disparity.max.toFixed(1)} px`;
+  stream.last = info;
+  proposeScale(info);
   $("video-output-caption").textContent =
     info.format === "color"
       ? "Disparity (turbo colours: near red, far blue; black: hidden)"
@@ -267,6 +293,7 @@ export function wireVideo() {
   $("video-file-right").addEventListener("change", (e) => e.target.files[0] && useFile($("video-right"), e.target.files[0]));
   $("video-layout").addEventListener("change", onLayout);
   $("video-format").addEventListener("change", sendSettings);
+  $("video-scale").addEventListener("change", sendSettings);
   $("video-sigma").addEventListener("input", sendSettings);
   $("video-play").addEventListener("click", () => ($("video-left").paused ? play() : pause()));
   $("video-step").addEventListener("click", step);

@@ -9,7 +9,7 @@
 //!
 //! `cargo bench --bench stream -- [--binary target/release/stereo-recon]
 //!  [--model models/psmnet_kitti2015.pt] [--device cpu] [--sizes 512x384,1242x375]
-//!  [--streams 1,4] [--fps 10] [--seconds 30] [--json FILE]`
+//!  [--streams 1,4] [--scales 1,0.5] [--fps 10] [--seconds 30] [--json FILE]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +26,7 @@ struct Options {
     device: String,
     sizes: Vec<(u32, u32)>,
     streams: Vec<usize>,
+    scales: Vec<f32>,
     fps: f64,
     seconds: f64,
     json: Option<PathBuf>,
@@ -38,6 +39,7 @@ fn options() -> Options {
         device: "cpu".into(),
         sizes: vec![(512, 384), (1242, 375)],
         streams: vec![1, 4],
+        scales: vec![1.0, 0.5],
         fps: 10.0,
         seconds: 30.0,
         json: None,
@@ -59,6 +61,7 @@ fn options() -> Options {
                     .collect()
             }
             "--streams" => o.streams = value().split(',').map(|s| s.parse().unwrap()).collect(),
+            "--scales" => o.scales = value().split(',').map(|s| s.parse().unwrap()).collect(),
             "--fps" => o.fps = value().parse().unwrap(),
             "--seconds" => o.seconds = value().parse().unwrap(),
             "--json" => o.json = Some(value().into()),
@@ -138,12 +141,13 @@ struct Seen {
 
 /// One stream: frames at `fps` for `seconds`, answers read as they come, then
 /// the frames in flight are waited for.
-async fn one_stream(address: SocketAddr, frames: &[Vec<u8>], fps: f64, seconds: f64) -> Seen {
+async fn one_stream(address: SocketAddr, frames: &[Vec<u8>], scale: f32, fps: f64, seconds: f64) -> Seen {
     let request = format!("ws://{address}/api/v1/stream").into_client_request().unwrap();
     let socket = tokio::net::TcpStream::connect(address).await.unwrap();
     let (client, _) = tokio_tungstenite::client_async(request, socket).await.expect("stream opens");
     let (mut sink, mut source) = client.split();
-    sink.send(Message::text(r#"{"format": "color", "layout": "sbs"}"#)).await.unwrap();
+    let settings = serde_json::json!({ "format": "color", "layout": "sbs", "scale": scale });
+    sink.send(Message::text(settings.to_string())).await.unwrap();
     let started = Instant::now();
     let sent_at = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
     let sender = {
@@ -207,14 +211,14 @@ async fn main() {
     let o = options();
     let mut rows = Vec::new();
     println!("stream bench: {} device, frames sent at {} fps for {} s per stream", o.device, o.fps, o.seconds);
-    println!("| size | streams | answered frames/s (all) | latency p50 ms | p95 ms | frames skipped |");
-    println!("|---|---|---|---|---|---|");
+    println!("| size | scale | streams | answered frames/s (all) | latency p50 ms | p95 ms | frames skipped |");
+    println!("|---|---|---|---|---|---|---|");
     for &(width, height) in &o.sizes {
         let frames = frames(width, height, 8);
-        for &streams in &o.streams {
+        for (&scale, &streams) in o.scales.iter().flat_map(|s| o.streams.iter().map(move |n| (s, n))) {
             let server = start_server(&o, streams);
             let started = Instant::now();
-            let runs = (0..streams).map(|_| one_stream(server.address, &frames, o.fps, o.seconds));
+            let runs = (0..streams).map(|_| one_stream(server.address, &frames, scale, o.fps, o.seconds));
             let seen = futures_util::future::join_all(runs).await;
             let elapsed = started.elapsed().as_secs_f64();
             let answered: u64 = seen.iter().map(|s| s.answered).sum();
@@ -224,11 +228,11 @@ async fn main() {
             let (p50, p95) = (percentile(&mut latencies, 0.5), percentile(&mut latencies, 0.95));
             let rate = answered as f64 / elapsed;
             println!(
-                "| {width}x{height} | {streams} | {rate:.2} | {p50:.0} | {p95:.0} | {dropped} of {sent} ({:.0} %) |",
+                "| {width}x{height} | {scale} | {streams} | {rate:.2} | {p50:.0} | {p95:.0} | {dropped} of {sent} ({:.0} %) |",
                 100.0 * dropped as f64 / sent.max(1) as f64
             );
             rows.push(serde_json::json!({
-                "width": width, "height": height, "streams": streams, "answered_per_s": rate,
+                "width": width, "height": height, "scale": scale, "streams": streams, "answered_per_s": rate,
                 "latency_p50_ms": p50, "latency_p95_ms": p95, "sent": sent, "answered": answered, "dropped": dropped,
             }));
         }

@@ -193,10 +193,15 @@ pub struct SmallScene {
 }
 
 pub fn small_scene() -> SmallScene {
-    let pair = stereo_recon::synthetic::render(256, 192);
+    scene(256, 192)
+}
+
+/// The rendered room at any size, with its calibration and exact disparity.
+pub fn scene(width: u32, height: u32) -> SmallScene {
+    let pair = stereo_recon::synthetic::render(width, height);
     let k = pair.intrinsics;
     let calibration = stereo_recon::calibration::formats::read_json(&format!(
-        r#"{{"image_size": [256, 192], "units": "m",
+        r#"{{"image_size": [{width}, {height}], "units": "m",
             "left": {{"K": [[{f}, 0, {cx}], [0, {f}, {cy}], [0, 0, 1]]}},
             "right": {{"K": [[{f}, 0, {cx}], [0, {f}, {cy}], [0, 0, 1]]}},
             "R": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "T": [-0.1, 0, 0]}}"#,

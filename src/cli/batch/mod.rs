@@ -164,6 +164,10 @@ fn start_video(plan: &Plan, needs: &[bool]) -> Result<Option<VideoWriter>, Strin
         video::VideoSource::Packed { layout, .. } => video::view_size(info, *layout).map_err(|e| e.to_string())?,
         video::VideoSource::Separate { .. } => (info.width, info.height),
     };
+    let (width, height) = match plan.settings.scale.filter(|&s| s < 1.0) {
+        Some(scale) => crate::pipeline::scaled_size(width, height, scale),
+        None => (width, height),
+    };
     let fps = info.fps / plan.settings.pick.every as f64;
     VideoWriter::create(path, width, height, fps).map(Some).map_err(|e| e.to_string())
 }
@@ -424,6 +428,7 @@ impl Feeder {
             formats: s.formats.clone(),
             max_depth: s.max_depth,
             max_uncertainty: s.max_uncertainty,
+            scale: s.scale,
             ..Options::default()
         };
         Request { pair, ground_truth: None, calibration, options, started: Instant::now(), receiving: None }

@@ -17,6 +17,7 @@ pub struct Settings {
     pub calibration: Option<(PathBuf, Calibration, CalibrationFormat)>,
     pub max_depth: Option<f64>,
     pub max_uncertainty: Option<f32>,
+    pub scale: Option<f32>,
     pub overwrite: bool,
     pub fail_fast: bool,
     pub shard: Shard,
@@ -170,6 +171,9 @@ fn settings(args: &BatchArgs) -> Result<Settings, String> {
         return Err("--formats: name at least one format".into());
     }
     super::super::check_limits(args.max_depth, args.max_uncertainty)?;
+    if let Some(problem) = args.scale.and_then(crate::pipeline::scale_problem) {
+        return Err(format!("--{}", problem.replacen('=', " ", 1)));
+    }
     if args.every == 0 {
         return Err("--every must be at least 1".into());
     }
@@ -190,6 +194,7 @@ fn settings(args: &BatchArgs) -> Result<Settings, String> {
         calibration,
         max_depth: args.max_depth,
         max_uncertainty: args.max_uncertainty,
+        scale: args.scale,
         overwrite: args.overwrite,
         fail_fast: args.fail_fast,
         shard: args.shard,

@@ -242,6 +242,7 @@ impl<'a> Summary<'a> {
             "calib": s.calibration.as_ref().map(|(path, _, format)| format!("{} ({})", path.display(), format.name())),
             "max_depth": s.max_depth,
             "max_uncertainty": s.max_uncertainty,
+            "scale": s.scale,
             "overwrite": s.overwrite,
             "fail_fast": s.fail_fast,
             "pipeline_depth": s.pipeline_depth,
