@@ -136,7 +136,9 @@ impl<'a> Browser<'a> {
                          "--window-size=1280,1100", "--disable-background-networking", "--disable-component-update",
                          "--disable-sync", "--no-first-run", "--disable-extensions",
                          // WebGL (the point cloud) on the CPU: CI has no GPU.
-                         "--use-angle=swiftshader", "--enable-unsafe-swiftshader"],
+                         "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                         // A fake camera, allowed without a prompt: the video mode's camera path.
+                         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
             },
         }}});
         let answer = driver.call("POST", "/session", Some(capabilities)).expect("browser session starts");
@@ -529,6 +531,49 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
         browser.wait_for(
             "the stepped frame's deviation",
             &format!("return window.stereoVideo.stats().answered > {answered} && document.getElementById('video-output-caption').textContent.startsWith('Uncertainty');"),
+            Duration::from_secs(120),
+        );
+        // The uncertainty limit applies to the next frames: their answers count the masked pixels.
+        browser.script("const s = document.getElementById('video-sigma'); s.value = 4; s.dispatchEvent(new Event('input')); return true;");
+        assert_eq!(browser.text("#video-sigma-value"), "1.00 px");
+        let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
+        browser.click("#video-step");
+        browser.wait_for(
+            "an answer with masked pixels counted",
+            &format!("return window.stereoVideo.stats().answered > {answered} && window.stereoVideo.last().uncertainty.masked_pixels >= 0;"),
+            Duration::from_secs(120),
+        );
+        // Record the shown disparity: a WebM to download.
+        browser.click("#video-record");
+        browser.click("#video-step");
+        std::thread::sleep(Duration::from_secs(2));
+        browser.click("#video-record");
+        browser.wait_for(
+            "the recording's link",
+            "const a = document.getElementById('video-download'); return !a.hidden && a.href.startsWith('blob:');",
+            Duration::from_secs(10),
+        );
+        // A camera (Chromium's fake one here, one device: taken as a packed side-by-side view).
+        browser.click("#video-cameras");
+        browser.wait_for(
+            "the camera",
+            "const v = document.getElementById('video-left'); return v.srcObject !== null && !document.getElementById('video-play').disabled;",
+            Duration::from_secs(20),
+        );
+        assert_eq!(browser.script("return document.getElementById('video-layout').value;"), "sbs");
+        let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
+        browser.click("#video-play");
+        browser.wait_for(
+            "an answer from the camera",
+            &format!("return window.stereoVideo.stats().answered > {answered};"),
+            Duration::from_secs(120),
+        );
+        browser.click("#video-play");
+        // Paused, the newest frame sent is the last one answered: the engine is idle again
+        // (a process must not exit with an inference running on its engine thread).
+        browser.wait_for(
+            "the last frame's answer",
+            "return window.stereoVideo.last().frame === window.stereoVideo.stats().sent - 1;",
             Duration::from_secs(120),
         );
         assert_eq!(browser.script("return window.cspViolations;"), json!([]), "blocked by the page's CSP");

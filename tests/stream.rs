@@ -244,6 +244,16 @@ async fn the_stream_cap_origin_and_handshake_are_checked_before_the_upgrade() {
     assert_eq!(plain.json()["error"]["code"], "not_a_websocket");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_shutting_down_closes_its_streams_with_1001() {
+    let mut server = start(state(ready_engine(2).await, DEFAULT_LIMITS)).await;
+    let mut client = open(server.address, &[]).await.unwrap();
+    let _ = server.stop.take().unwrap().send(());
+    let (code, reason) = close_code(&mut client).await;
+    assert_eq!(code, 1001);
+    assert!(reason.contains("shutting down"), "{reason}");
+}
+
 /// The resident memory of this process (the server runs in it), MiB.
 fn rss_mib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
