@@ -481,6 +481,9 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
     tokio::spawn(stereo_recon::serve(listener, state(engine, DEFAULT_LIMITS), std::future::pending()));
     let video = std::env::temp_dir().join(format!("stereo-recon-video-{}.webm", std::process::id()));
     stereo_webm(&video);
+    // The rig the video was rendered with (the same cameras at every position).
+    let calibration = std::env::temp_dir().join(format!("stereo-recon-video-{}.json", std::process::id()));
+    std::fs::write(&calibration, stereo_recon::calibration::formats::write_json(&scene(256, 192).calibration)).unwrap();
 
     let shot = tokio::task::spawn_blocking(move || {
         let driver = Driver::start();
@@ -543,6 +546,17 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
             &format!("return window.stereoVideo.stats().answered > {answered} && window.stereoVideo.last().uncertainty.masked_pixels >= 0;"),
             Duration::from_secs(120),
         );
+        // With the rig's calibration, depth.
+        browser.choose_file("video-calib", &calibration);
+        browser.wait_for("depth to be offered", "return !document.getElementById('video-format-depth').disabled;", Duration::from_secs(10));
+        browser.script("const s = document.getElementById('video-format'); s.value = 'depth'; s.dispatchEvent(new Event('change')); return true;");
+        let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
+        browser.click("#video-step");
+        browser.wait_for(
+            "the stepped frame's depth",
+            &format!("return window.stereoVideo.stats().answered > {answered} && window.stereoVideo.last().format === 'depth' && document.getElementById('video-output-caption').textContent.startsWith('Depth');"),
+            Duration::from_secs(120),
+        );
         // Record the shown disparity: a WebM to download.
         browser.click("#video-record");
         browser.click("#video-step");
@@ -553,7 +567,16 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
             "const a = document.getElementById('video-download'); return !a.hidden && a.href.startsWith('blob:');",
             Duration::from_secs(10),
         );
-        // A camera (Chromium's fake one here, one device: taken as a packed side-by-side view).
+        // A camera (Chromium's fake one here, one device: taken as a packed side-by-side view),
+        // on a fresh page: the calibration above is for the video's cameras, not this one.
+        assert_eq!(browser.script("return window.cspViolations;"), json!([]), "blocked by the page's CSP");
+        browser.goto(&format!("http://{address}/"));
+        browser.wait_for("the model to be ready", "return document.querySelector('.status-ready') !== null;", Duration::from_secs(30));
+        browser.script(
+            "window.cspViolations = []; document.addEventListener('securitypolicyviolation', \
+             e => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI)); return true;",
+        );
+        browser.click("#mode-video");
         browser.click("#video-cameras");
         browser.wait_for(
             "the camera",
@@ -584,5 +607,10 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
     let image = image::open(&shot).unwrap();
     assert!(image.width() >= 1000, "{}", shot.display());
     println!("screenshot: {}", shot.display());
-    std::fs::remove_file(std::env::temp_dir().join(format!("stereo-recon-video-{}.webm", std::process::id()))).ok();
+    for extension in ["webm", "json"] {
+        std::fs::remove_file(
+            std::env::temp_dir().join(format!("stereo-recon-video-{}.{extension}", std::process::id())),
+        )
+        .ok();
+    }
 }

@@ -21,6 +21,7 @@ const stream = {
   latency: 0,
   recorder: null,
   last: null, // the latest answer's text message
+  calibration: null, // the rig's calibration file, as text (any format the server reads)
 };
 
 // For tests and curious users: what the stream has done so far.
@@ -44,6 +45,7 @@ function settings() {
     layout: layout(),
     max_uncertainty: off ? null : sigma / 4,
     scale: Number($("video-scale").value),
+    ...(stream.calibration ? { calibration: stream.calibration } : {}),
   };
 }
 
@@ -109,14 +111,44 @@ async function draw(info, data) {
     ctx.drawImage(bitmap, 0, 0);
     return;
   }
-  // The deviation (PFM): turbo from 0 to twice its 90th percentile; hidden or unknown pixels black.
   const map = parsePfm(new Uint8Array(data));
+  if (info.format === "depth") return drawDepth(ctx, canvas, map);
+  // The deviation (PFM): turbo from 0 to twice its 90th percentile; hidden or unknown pixels black.
   const top = Math.max(0.5, 2 * (info.uncertainty ? info.uncertainty.p90 : 1));
   canvas.width = map.width;
   canvas.height = map.height;
   const image = ctx.createImageData(map.width, map.height);
   map.values.forEach((v, i) => image.data.set(Number.isFinite(v) ? [...turbo(v / top), 255] : [0, 0, 0, 255], 4 * i));
   ctx.putImageData(image, 0, 0);
+}
+
+// Depth (PFM, the calibration's units): turbo from near (red) to far (blue) over the 2nd to
+// 98th percentile of the frame's depths; no depth black.
+function drawDepth(ctx, canvas, map) {
+  const finite = map.values.filter(Number.isFinite).sort();
+  const near = finite.length ? finite[Math.floor(finite.length * 0.02)] : 0;
+  const far = finite.length ? finite[Math.floor(finite.length * 0.98)] : 1;
+  canvas.width = map.width;
+  canvas.height = map.height;
+  const image = ctx.createImageData(map.width, map.height);
+  map.values.forEach((v, i) => {
+    const t = 1 - (v - near) / Math.max(far - near, 1e-9);
+    image.data.set(Number.isFinite(v) ? [...turbo(t), 255] : [0, 0, 0, 255], 4 * i);
+  });
+  ctx.putImageData(image, 0, 0);
+}
+
+const CAPTIONS = {
+  color: "Disparity (turbo colours: near red, far blue; black: hidden)",
+  uncertainty: "Uncertainty (blue sure, red unsure)",
+  depth: "Depth (near red, far blue; black: no depth)",
+};
+
+async function useCalibration(file) {
+  stream.calibration = await file.text();
+  $("video-format-depth").disabled = false;
+  $("video-format-depth").textContent = "depth";
+  sendSettings();
 }
 
 function onAnswer(info, data) {
@@ -135,10 +167,7 @@ function onAnswer(info, data) {
     `disparity ${info.disparity.min.toFixed(1)}–${info.disparity.max.toFixed(1)} px`;
   stream.last = info;
   proposeScale(info);
-  $("video-output-caption").textContent =
-    info.format === "color"
-      ? "Disparity (turbo colours: near red, far blue; black: hidden)"
-      : "Uncertainty (blue sure, red unsure)";
+  $("video-output-caption").textContent = CAPTIONS[info.format] || info.format;
   draw(info, data);
 }
 
@@ -292,6 +321,7 @@ export function wireVideo() {
   $("video-file").addEventListener("change", (e) => e.target.files[0] && useFile($("video-left"), e.target.files[0]));
   $("video-file-right").addEventListener("change", (e) => e.target.files[0] && useFile($("video-right"), e.target.files[0]));
   $("video-layout").addEventListener("change", onLayout);
+  $("video-calib").addEventListener("change", (e) => e.target.files[0] && useCalibration(e.target.files[0]));
   $("video-format").addEventListener("change", sendSettings);
   $("video-scale").addEventListener("change", sendSettings);
   $("video-sigma").addEventListener("input", sendSettings);
