@@ -201,6 +201,33 @@ impl<'a> Browser<'a> {
         self.cmd("POST", "/actions", Some(actions));
     }
 
+    /// Loads the page, waits for the model, and starts recording content-security-policy
+    /// violations ([`Browser::csp_violations`]).
+    fn open_page(&self, address: SocketAddr) {
+        self.goto(&format!("http://{address}/"));
+        self.wait_for(
+            "the model to be ready",
+            "return document.querySelector('.status-ready') !== null;",
+            Duration::from_secs(30),
+        );
+        self.script(
+            "window.cspViolations = []; document.addEventListener('securitypolicyviolation', \
+             e => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI)); return true;",
+        );
+    }
+
+    /// What the page's content security policy blocked since [`Browser::open_page`].
+    fn csp_violations(&self) -> Value {
+        self.script("return window.cspViolations;")
+    }
+
+    /// Sets a control's value as a user would, firing `event` (`change` or `input`).
+    fn set_value(&self, id: &str, value: &str, event: &str) {
+        self.script(&format!(
+            "const e = document.getElementById('{id}'); e.value = '{value}'; e.dispatchEvent(new Event('{event}')); return true;"
+        ));
+    }
+
     fn screenshot(&self, name: &str) -> PathBuf {
         let png = self.cmd("GET", "/screenshot", None);
         let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
@@ -320,7 +347,7 @@ async fn the_page_computes_shows_and_explains_in_a_real_browser() {
         assert!(message.contains("left") && message.contains("not a recognised image"), "{message}");
         assert_eq!(browser.script("return document.getElementById('result').hidden;"), true);
         let error_shot = browser.screenshot("error.png");
-        assert_eq!(browser.script("return window.cspViolations;"), json!([]), "blocked by the page's CSP");
+        assert_eq!(browser.csp_violations(), json!([]), "blocked by the page's CSP");
 
         // The example comes with its calibration: depth in metres, a point cloud and distances.
         browser.click("#example");
@@ -473,6 +500,14 @@ fn stereo_webm(path: &std::path::Path) {
     assert!(child.wait().unwrap().success(), "ffmpeg encodes the test video");
 }
 
+/// Clicks `button` in the video mode and waits for a new answer for which `condition` (JS) holds.
+fn next_answer(browser: &Browser, what: &str, button: &str, condition: &str) {
+    let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
+    browser.click(button);
+    let script = format!("return window.stereoVideo.stats().answered > {answered} && ({condition});");
+    browser.wait_for(what, &script, Duration::from_secs(120));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
     let engine = ready_engine(2).await;
@@ -488,12 +523,7 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
     let shot = tokio::task::spawn_blocking(move || {
         let driver = Driver::start();
         let browser = Browser::open(&driver);
-        browser.goto(&format!("http://{address}/"));
-        browser.wait_for("the model to be ready", "return document.querySelector('.status-ready') !== null;", Duration::from_secs(30));
-        browser.script(
-            "window.cspViolations = []; document.addEventListener('securitypolicyviolation', \
-             e => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI)); return true;",
-        );
+        browser.open_page(address);
         browser.click("#mode-video");
         assert_eq!(browser.script("return document.getElementById('pair-mode').hidden;"), true);
         browser.choose_file("video-file", &video);
@@ -528,35 +558,20 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
         std::thread::sleep(Duration::from_secs(3));
         assert_eq!(browser.script("return window.stereoVideo.stats().sent;"), sent, "nothing is sent while paused");
         // The uncertainty view and the slider apply to the next frames; Step sends one.
-        browser.script("const s = document.getElementById('video-format'); s.value = 'uncertainty'; s.dispatchEvent(new Event('change')); return true;");
-        let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
-        browser.click("#video-step");
-        browser.wait_for(
-            "the stepped frame's deviation",
-            &format!("return window.stereoVideo.stats().answered > {answered} && document.getElementById('video-output-caption').textContent.startsWith('Uncertainty');"),
-            Duration::from_secs(120),
-        );
+        browser.set_value("video-format", "uncertainty", "change");
+        let caption = "document.getElementById('video-output-caption').textContent";
+        next_answer(&browser, "the stepped frame's deviation", "#video-step", &format!("{caption}.startsWith('Uncertainty')"));
         // The uncertainty limit applies to the next frames: their answers count the masked pixels.
-        browser.script("const s = document.getElementById('video-sigma'); s.value = 4; s.dispatchEvent(new Event('input')); return true;");
+        browser.set_value("video-sigma", "4", "input");
         assert_eq!(browser.text("#video-sigma-value"), "1.00 px");
-        let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
-        browser.click("#video-step");
-        browser.wait_for(
-            "an answer with masked pixels counted",
-            &format!("return window.stereoVideo.stats().answered > {answered} && window.stereoVideo.last().uncertainty.masked_pixels >= 0;"),
-            Duration::from_secs(120),
-        );
+        let masked = "window.stereoVideo.last().uncertainty.masked_pixels >= 0";
+        next_answer(&browser, "an answer with masked pixels counted", "#video-step", masked);
         // With the rig's calibration, depth.
         browser.choose_file("video-calib", &calibration);
         browser.wait_for("depth to be offered", "return !document.getElementById('video-format-depth').disabled;", Duration::from_secs(10));
-        browser.script("const s = document.getElementById('video-format'); s.value = 'depth'; s.dispatchEvent(new Event('change')); return true;");
-        let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
-        browser.click("#video-step");
-        browser.wait_for(
-            "the stepped frame's depth",
-            &format!("return window.stereoVideo.stats().answered > {answered} && window.stereoVideo.last().format === 'depth' && document.getElementById('video-output-caption').textContent.startsWith('Depth');"),
-            Duration::from_secs(120),
-        );
+        browser.set_value("video-format", "depth", "change");
+        let depth = format!("window.stereoVideo.last().format === 'depth' && {caption}.startsWith('Depth')");
+        next_answer(&browser, "the stepped frame's depth", "#video-step", &depth);
         // Record the shown disparity: a WebM to download.
         browser.click("#video-record");
         browser.click("#video-step");
@@ -569,13 +584,8 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
         );
         // A camera (Chromium's fake one here, one device: taken as a packed side-by-side view),
         // on a fresh page: the calibration above is for the video's cameras, not this one.
-        assert_eq!(browser.script("return window.cspViolations;"), json!([]), "blocked by the page's CSP");
-        browser.goto(&format!("http://{address}/"));
-        browser.wait_for("the model to be ready", "return document.querySelector('.status-ready') !== null;", Duration::from_secs(30));
-        browser.script(
-            "window.cspViolations = []; document.addEventListener('securitypolicyviolation', \
-             e => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI)); return true;",
-        );
+        assert_eq!(browser.csp_violations(), json!([]), "blocked by the page's CSP");
+        browser.open_page(address);
         browser.click("#mode-video");
         browser.click("#video-cameras");
         browser.wait_for(
@@ -584,13 +594,7 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
             Duration::from_secs(20),
         );
         assert_eq!(browser.script("return document.getElementById('video-layout').value;"), "sbs");
-        let answered = browser.script("return window.stereoVideo.stats().answered;").as_u64().unwrap();
-        browser.click("#video-play");
-        browser.wait_for(
-            "an answer from the camera",
-            &format!("return window.stereoVideo.stats().answered > {answered};"),
-            Duration::from_secs(120),
-        );
+        next_answer(&browser, "an answer from the camera", "#video-play", "true");
         browser.click("#video-play");
         // Paused, the newest frame sent is the last one answered: the engine is idle again
         // (a process must not exit with an inference running on its engine thread).
@@ -599,7 +603,7 @@ async fn the_video_mode_streams_a_stereo_video_and_draws_its_disparity_live() {
             "return window.stereoVideo.last().frame === window.stereoVideo.stats().sent - 1;",
             Duration::from_secs(120),
         );
-        assert_eq!(browser.script("return window.cspViolations;"), json!([]), "blocked by the page's CSP");
+        assert_eq!(browser.csp_violations(), json!([]), "blocked by the page's CSP");
         shot
     })
     .await
