@@ -107,6 +107,11 @@ pub struct ModelArgs {
     /// about one forward pass of GPU memory. 0 turns CUDA graphs off.
     #[arg(long, env = "STEREO_RECON_CUDA_GRAPHS", default_value_t = 2)]
     pub cuda_graphs: usize,
+    /// CPU only: keep the memory of large tensors for the next pass instead of returning it to
+    /// the system after every tensor (passes repeat the same sizes). The process then holds
+    /// about one pass's working memory while idle; `false` gives it back after every tensor.
+    #[arg(long, env = "STEREO_RECON_CPU_BUFFER_POOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cpu_buffer_pool: bool,
 }
 
 impl Config {
@@ -136,6 +141,7 @@ impl ModelArgs {
             warm_sizes: Vec::new(),
             cuda_graphs: self.cuda_graphs,
             pinned_staging: true,
+            cpu_buffer_pool: self.cpu_buffer_pool,
             faults: None,
         }
     }

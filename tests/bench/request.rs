@@ -459,6 +459,7 @@ fn main() {
             warm_sizes: Vec::new(),
             cuda_graphs: 0,
             pinned_staging: true,
+            cpu_buffer_pool: true,
             faults: None,
         };
         let engine = Engine::start(config).expect("engine thread");

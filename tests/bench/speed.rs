@@ -33,7 +33,7 @@ use loadgen::{multipart, ServerProcess};
 use serde_json::json;
 use stereo_recon::config::Cli;
 use stereo_recon::decode::decode_rgb;
-use stereo_recon::engine::{Engine, EngineConfig, Prediction, StereoPair};
+use stereo_recon::engine::{cpu_pool, Engine, EngineConfig, Prediction, StereoPair};
 
 struct Options {
     device: String,
@@ -205,7 +205,10 @@ fn main() {
         let peak = watch.stop();
         json!({ "device": info.device, "precision": info.precision, "memory_format": info.memory_format,
                 "latency_ms": stats_ms(total), "engine_thread_ms": stats_ms(inference), "phases_ms": phases.json(),
-                "peak_memory_mib": peak, "memory_kind": if gpu { "gpu" } else { "rss" } })
+                "peak_memory_mib": peak, "memory_kind": if gpu { "gpu" } else { "rss" },
+                "cpu_buffer_pool": cpu_pool::stats().map(|s| json!({
+                    "in_use_mib": s.in_use_bytes >> 20, "extent_mib": s.extent_bytes >> 20,
+                    "high_water_mib": s.high_water_bytes >> 20, "reused": s.reused, "grown": s.grown })) })
     });
     let variants = (!o.variants.is_empty()).then(|| runtime.block_on(engine_variants(&o, &pair)));
 

@@ -54,6 +54,7 @@ pub fn engine_config(model_path: PathBuf, queue_depth: usize) -> EngineConfig {
         warm_sizes: Vec::new(),
         cuda_graphs: 0,
         pinned_staging: true,
+        cpu_buffer_pool: true,
         faults: None,
     }
 }
