@@ -14,7 +14,7 @@
 //!    (the caching allocator's statistics) and `src/engine/cuda_graph.cpp`
 //!    (CUDA graph capture and replay). The code then sees the cfg
 //!    `stereo_recon_cuda_shims`.
-//! 5. Compile `src/engine/cpu_pool.cpp` (the large CPU buffer pool in front
+//! 5. Compile `src/engine/buffer_pool.cpp` (the large CPU buffer pool in front
 //!    of libtorch's CPU allocator) against the libtorch headers, always.
 
 use std::env;
@@ -41,7 +41,7 @@ fn main() {
     } else {
         println!("cargo:rustc-env=STEREO_RECON_LINKED_CUDA=0");
     }
-    compile_cpu_pool(&lib);
+    compile_buffer_pool(&lib);
     println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 
@@ -58,16 +58,16 @@ fn main() {
 }
 
 /// Builds the large CPU buffer pool against the headers of the libtorch in `lib/..`.
-fn compile_cpu_pool(lib: &std::path::Path) {
-    println!("cargo:rerun-if-changed=src/engine/cpu_pool.cpp");
+fn compile_buffer_pool(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/engine/buffer_pool.cpp");
     let include = lib.parent().expect("libtorch lib folder has a parent").join("include");
     cc::Build::new()
         .cpp(true)
         .std("c++17")
-        .file("src/engine/cpu_pool.cpp")
+        .file("src/engine/buffer_pool.cpp")
         .include(&include)
         .warnings(false)
-        .compile("stereo_recon_cpu_pool");
+        .compile("stereo_recon_buffer_pool");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10");
 }

@@ -138,8 +138,8 @@ async fn metrics_count_served_refused_and_failed_requests_and_parse_as_prometheu
     // A CPU server has no CUDA allocator series at all (not zeros that look like data).
     assert!(!samples.iter().any(|s| s.name.starts_with("stereo_recon_cuda")));
     // It has the CPU buffer pool's: grown by the passes' activations, mostly free between requests.
-    let pool_held = total(&samples, "stereo_recon_cpu_pool_bytes", &[]);
-    let pool_in_use = total(&samples, "stereo_recon_cpu_pool_in_use_bytes", &[]);
+    let pool_held = total(&samples, "stereo_recon_buffer_pool_bytes", &[]);
+    let pool_in_use = total(&samples, "stereo_recon_buffer_pool_in_use_bytes", &[]);
     assert!(pool_held >= 16.0 * 1_048_576.0, "the passes' large tensors came from the pool: {pool_held}");
     assert!(pool_in_use < pool_held / 4.0, "activations go back after a pass: {pool_in_use} of {pool_held}");
 }

@@ -59,9 +59,9 @@ pub struct Metrics {
     cuda_allocated: IntGauge,
     cuda_peak: IntGauge,
     /// Registered only while the CPU buffer pool is in place.
-    cpu_pool: Registry,
-    cpu_pool_held: IntGauge,
-    cpu_pool_in_use: IntGauge,
+    buffer_pool: Registry,
+    buffer_pool_held: IntGauge,
+    buffer_pool_in_use: IntGauge,
     /// Scrapes bring the counters read from atomics up to date one at a time.
     scrape: Mutex<()>,
 }
@@ -95,7 +95,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
         let cuda = Registry::new();
-        let cpu_pool = Registry::new();
+        let buffer_pool = Registry::new();
         Metrics {
             requests: counter_vec(
                 &r,
@@ -180,19 +180,19 @@ impl Metrics {
                 "stereo_recon_cuda_allocated_peak_bytes",
                 "Most bytes the CUDA caching allocator had given to tensors at once since the start.",
             ),
-            cpu_pool_held: gauge(
-                &cpu_pool,
-                "stereo_recon_cpu_pool_bytes",
+            buffer_pool_held: gauge(
+                &buffer_pool,
+                "stereo_recon_buffer_pool_bytes",
                 "Memory the CPU buffer pool holds for large tensors (in use or free for the next pass).",
             ),
-            cpu_pool_in_use: gauge(
-                &cpu_pool,
-                "stereo_recon_cpu_pool_in_use_bytes",
+            buffer_pool_in_use: gauge(
+                &buffer_pool,
+                "stereo_recon_buffer_pool_in_use_bytes",
                 "Bytes of the CPU buffer pool held by live tensors now.",
             ),
             registry: r,
             cuda,
-            cpu_pool,
+            buffer_pool,
             scrape: Mutex::new(()),
         }
     }
@@ -266,10 +266,10 @@ impl Metrics {
             self.cuda_peak.set(memory.peak_allocated_bytes as i64);
             families.extend(self.cuda.gather());
         }
-        if let Some(pool) = crate::engine::cpu_pool::stats() {
-            self.cpu_pool_held.set(pool.extent_bytes as i64);
-            self.cpu_pool_in_use.set(pool.in_use_bytes as i64);
-            families.extend(self.cpu_pool.gather());
+        if let Some(pool) = crate::engine::buffer_pool::stats() {
+            self.buffer_pool_held.set(pool.extent_bytes as i64);
+            self.buffer_pool_in_use.set(pool.in_use_bytes as i64);
+            families.extend(self.buffer_pool.gather());
         }
         let mut text = Vec::new();
         TextEncoder::new().encode(&families, &mut text).expect("text encoding of valid families");

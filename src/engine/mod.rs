@@ -13,7 +13,7 @@
 //! This module knows nothing of HTTP: the API layer maps [`EngineError`] to
 //! status codes.
 
-pub mod cpu_pool;
+pub mod buffer_pool;
 pub mod cuda_graph;
 pub mod cuda_stats;
 mod graphs;
@@ -67,7 +67,7 @@ pub struct EngineConfig {
     /// On CUDA: copy through page-locked host buffers (asynchronous DMA)
     /// instead of pageable memory. Off only to measure what it gives.
     pub pinned_staging: bool,
-    /// On CPU: serve large tensor buffers from [`cpu_pool`] (kept mapped
+    /// On CPU: serve large tensor buffers from [`buffer_pool`] (kept mapped
     /// between passes) instead of fresh system memory each time.
     pub cpu_buffer_pool: bool,
     /// Test hook for failure paths; `None` in production.

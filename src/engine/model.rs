@@ -144,7 +144,7 @@ impl StereoModel {
             // Input sizes repeat (padded to multiples of 16), so autotuning pays off.
             tch::Cuda::cudnn_set_benchmark(true);
         }
-        if device == Device::Cpu && config.cpu_buffer_pool && !super::cpu_pool::install() {
+        if device == Device::Cpu && config.cpu_buffer_pool && !super::buffer_pool::install() {
             warn!("the CPU buffer pool could not be installed; running without it");
         }
         let precision = config.precision.resolve(device)?;

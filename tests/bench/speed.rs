@@ -33,7 +33,7 @@ use loadgen::{multipart, ServerProcess};
 use serde_json::json;
 use stereo_recon::config::Cli;
 use stereo_recon::decode::decode_rgb;
-use stereo_recon::engine::{cpu_pool, Engine, EngineConfig, Prediction, StereoPair};
+use stereo_recon::engine::{buffer_pool, Engine, EngineConfig, Prediction, StereoPair};
 
 struct Options {
     device: String,
@@ -206,7 +206,7 @@ fn main() {
         json!({ "device": info.device, "precision": info.precision, "memory_format": info.memory_format,
                 "latency_ms": stats_ms(total), "engine_thread_ms": stats_ms(inference), "phases_ms": phases.json(),
                 "peak_memory_mib": peak, "memory_kind": if gpu { "gpu" } else { "rss" },
-                "cpu_buffer_pool": cpu_pool::stats().map(|s| json!({
+                "buffer_pool": buffer_pool::stats().map(|s| json!({
                     "in_use_mib": s.in_use_bytes >> 20, "extent_mib": s.extent_bytes >> 20,
                     "high_water_mib": s.high_water_bytes >> 20, "reused": s.reused, "grown": s.grown })) })
     });

@@ -196,7 +196,7 @@ void LargeBufferPool::release(void* data) {
 // Puts the pool in front of libtorch's CPU allocator; later calls only repeat
 // the first one's answer. Returns 0, or -1 when the address range could not be
 // reserved or libtorch refused the allocator.
-extern "C" int stereo_recon_cpu_pool_install() {
+extern "C" int stereo_recon_buffer_pool_install() {
   static std::once_flag once;
   static int status = -1;
   std::call_once(once, [] {
@@ -219,7 +219,7 @@ extern "C" int stereo_recon_cpu_pool_install() {
 }
 
 // The pool's figures; -1 before it is installed.
-extern "C" int stereo_recon_cpu_pool_stats(int64_t* in_use, int64_t* extent, int64_t* high_water, int64_t* reused,
+extern "C" int stereo_recon_buffer_pool_stats(int64_t* in_use, int64_t* extent, int64_t* high_water, int64_t* reused,
                                            int64_t* grown) {
   if (the_pool == nullptr) {
     return -1;

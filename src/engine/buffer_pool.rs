@@ -1,5 +1,5 @@
 //! A pool for large CPU tensor buffers in front of libtorch's CPU allocator
-//! (`cpu_pool.cpp`).
+//! (`buffer_pool.cpp`).
 //!
 //! Without it every activation of a pass (hundreds of 1-200 MiB tensors) is
 //! mapped fresh from the kernel, zeroed page by page on first touch and
@@ -10,7 +10,7 @@
 
 /// The pool's figures, for the log and the speed bench.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CpuPoolStats {
+pub struct BufferPoolStats {
     /// Bytes of large buffers held by live tensors.
     pub in_use_bytes: u64,
     /// How far the pool has grown: the memory it holds (free blocks included).
@@ -25,8 +25,8 @@ pub struct CpuPoolStats {
 
 mod ffi {
     extern "C" {
-        pub fn stereo_recon_cpu_pool_install() -> i32;
-        pub fn stereo_recon_cpu_pool_stats(
+        pub fn stereo_recon_buffer_pool_install() -> i32;
+        pub fn stereo_recon_buffer_pool_stats(
             in_use: *mut i64,
             extent: *mut i64,
             high_water: *mut i64,
@@ -42,17 +42,17 @@ mod ffi {
 /// place.
 pub fn install() -> bool {
     // SAFETY: takes no arguments, runs once (std::call_once) and catches every C++ exception.
-    unsafe { ffi::stereo_recon_cpu_pool_install() == 0 }
+    unsafe { ffi::stereo_recon_buffer_pool_install() == 0 }
 }
 
 /// The figures, or `None` when the pool was never installed.
-pub fn stats() -> Option<CpuPoolStats> {
+pub fn stats() -> Option<BufferPoolStats> {
     let mut v = [0i64; 5];
     let [a, b, c, d, e] = &mut v;
     // SAFETY: the function only writes the five integers we pass.
-    let status = unsafe { ffi::stereo_recon_cpu_pool_stats(a, b, c, d, e) };
+    let status = unsafe { ffi::stereo_recon_buffer_pool_stats(a, b, c, d, e) };
     let u = |x: i64| x.max(0) as u64;
-    (status == 0).then(|| CpuPoolStats {
+    (status == 0).then(|| BufferPoolStats {
         in_use_bytes: u(v[0]),
         extent_bytes: u(v[1]),
         high_water_bytes: u(v[2]),
