@@ -53,7 +53,7 @@ help:
 	@echo "make bench-peers     our network on ONNX Runtime and OpenVINO vs eager, TorchScript, our engine (CPU)"
 	@echo "make bench-batch     batch vs one predict per pair vs a sequential loop, engine busy %"
 	@echo "make bench-stream    the WebSocket stream: frames/s and latency, 1 and 4 streams, scale 1 and 0.5"
-	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...)"
+	@echo "make bench   speed table: eager / TorchScript / Rust engine / HTTP (BENCH_ARGS=...); on CPU then bench-peers"
 	@echo "make bundle  the Docker image's runtime layout in target/bundle;  make image  docker build"
 	@echo "Downloads are cached in $(CACHE)."
 
@@ -147,9 +147,11 @@ load: model
 
 # Speed: eager PyTorch vs TorchScript vs Rust engine vs HTTP, one run (docs/performance.md).
 BENCH_ARGS ?= --device cpu --sizes 256x512 --iters 5
+# On the CPU the peers' table follows (bench-peers): every CPU figure is a ratio to the fastest peer.
 bench: model
 	cargo bench --locked --bench speed --no-run
 	$(PYTHON) models/bench.py --checkpoint $(WEIGHTS) --model $(MODEL) $(BENCH_ARGS) --json target/bench.json
+	if [[ " $(BENCH_ARGS) " != *" --device cuda"* ]]; then $(MAKE) --no-print-directory bench-peers; fi
 
 # Server memory under 60 slow 60 MB uploads (docs/robustness.md); server options after --.
 FLOOD_ARGS ?= --clients 60 --mb 60 --seconds 20

@@ -9,10 +9,11 @@ spell of the machine weighs on all of them), fp32, the same thread count:
   eager PyTorch | TorchScript (our exported .pt, from Python) |
   ONNX Runtime (CPU provider) | OpenVINO (CPU) | our Rust engine
 
-The Rust engine runs right after, in its own process (the `speed` bench
-without HTTP: its own warm-up, then the same number of timed passes; its
-median is the engine thread's). Prints a table (median seconds,
-ratio to the fastest peer, max |difference| from eager) and writes JSON.
+The Rust engine is the `speed` bench in its own process (`--passes-on-stdin`:
+it loads and warms its model, then runs one pass whenever this script asks),
+so its passes take their turn in the same rounds; its time is the engine
+thread's. Prints a table (median seconds, ratio to the fastest peer, max
+|difference| from eager) and writes JSON.
 
 Usage (what `make bench-peers` runs):
   python models/peers.py --checkpoint CKPT --model models/psmnet_kitti2015.pt \
@@ -45,6 +46,21 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def cpu_vector_isa() -> str:
+    """The widest x86 vector extension the CPU reports: oneDNN (both libtorch's and
+    OpenVINO's) picks its convolution kernels by it, so ratios are per kind of CPU."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX-512 with bf16"), ("avx512f", "AVX-512"),
+                       ("avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return platform.machine()
+
+
 def export_onnx(model: torch.nn.Module, height: int, width: int, path: Path) -> None:
     left = torch.zeros(1, 3, height, width)
     torch.onnx.export(model, (left, left), str(path), opset_version=17, input_names=["left", "right"],
@@ -68,15 +84,31 @@ class Runner:
             self.output = np.asarray(out).reshape(np.asarray(out).shape[-2:])
 
 
-def rust_engine_seconds(args, height: int, width: int, workdir: Path) -> list[float]:
-    """The Rust engine alone (the `speed` bench without HTTP): its own untimed
-    warm-up passes, then `rounds` timed ones; seconds per pass on the engine thread."""
-    out = workdir / f"rust-{height}x{width}.json"
-    subprocess.run(args.rust_cmd + ["--device", "cpu", "--size", f"{height}x{width}", "--iters", str(args.rounds),
-                                    "--clients", "", "--model", str(args.model), "--json", str(out)],
-                   check=True, capture_output=True)
-    engine = json.loads(out.read_text())["rust_engine"]["engine_thread_ms"]
-    return [engine["p50"] / 1000.0] * engine["n"]
+class RustEngine:
+    """Our engine as a timing peer: the `speed` bench with `--passes-on-stdin`, one
+    pass per line it is sent, its engine-thread milliseconds read back."""
+
+    def __init__(self, args, height: int, width: int):
+        self.process = subprocess.Popen(
+            args.rust_cmd + ["--device", "cpu", "--size", f"{height}x{width}", "--clients", "", "--model",
+                             str(args.model), "--passes-on-stdin"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline().strip()
+        if line != "ready":
+            self.process.kill()
+            raise SystemExit(f"the Rust engine did not start (it printed {line!r}; exit {self.process.wait()})")
+
+    def run_once(self) -> float:
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the Rust engine stopped (exit {self.process.wait()})")
+        return float(line) / 1000.0
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
 
 
 def main() -> None:
@@ -99,7 +131,8 @@ def main() -> None:
     eager = psmnet.fold_batchnorm(load_model(args.checkpoint))
     scripted = torch.jit.load(str(args.model), map_location="cpu").eval()
     core = ov.Core()
-    report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "onnxruntime": ort.__version__,
+    report = {"cpu": cpu_name(), "isa": cpu_vector_isa(), "threads": args.threads, "torch": torch.__version__,
+              "onnxruntime": ort.__version__,
               "openvino": ov.__version__, "date": time.strftime("%Y-%m-%d"), "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -117,6 +150,7 @@ def main() -> None:
             compiled = core.compile_model(str(onnx_path), "CPU", {"INFERENCE_NUM_THREADS": args.threads,
                                                                   "INFERENCE_PRECISION_HINT": "f32"})
             feeds = {"left": left.numpy(), "right": right.numpy()}
+            rust_engine = RustEngine(args, height, width)  # loads and warms up before anything is timed
             with torch.no_grad():
                 runners = [
                     Runner("eager PyTorch", lambda: eager(left, right).numpy()),
@@ -124,15 +158,15 @@ def main() -> None:
                     Runner("ONNX Runtime, CPU", lambda: session.run(None, feeds)[0]),
                     Runner("OpenVINO, CPU", lambda: compiled(feeds)[0]),
                 ]
+                rust = Runner("our Rust engine", None)
                 for r in runners:  # one untimed pass each: allocations, kernel choice
                     r.time_once()
                     r.seconds.clear()
                 for _ in range(args.rounds):
                     for r in runners:
                         r.time_once()
-            # Right after the round-robin, in its own process (it loads and warms its model once).
-            rust = Runner("our Rust engine", None)
-            rust.seconds = rust_engine_seconds(args, height, width, workdir)
+                    rust.seconds.append(rust_engine.run_once())
+            rust_engine.close()
             runners.append(rust)
             reference = runners[0].output
             rows = []
@@ -142,7 +176,8 @@ def main() -> None:
                              "max_diff_px": diff})
             peers = [row for row in rows if row["runtime"] != "our Rust engine"]
             fastest = min(peers, key=lambda row: row["median_s"])
-            print(f"\n{height}x{width}, fp32, {args.threads} threads, {args.rounds} rounds, {report['cpu']}")
+            print(f"\n{height}x{width}, fp32, {args.threads} threads, {args.rounds} rounds, "
+                  f"{report['cpu']} ({report['isa']})")
             print("| runtime | median s | vs fastest peer | max diff from eager px |")
             print("|---|---|---|---|")
             for row in rows:

@@ -5,7 +5,13 @@
 //! `cargo bench --bench speed -- --device cpu --size 256x512 --iters 5
 //!  --left L.png --right R.png [--server-bin PATH] [--clients 1,4,16]
 //!  [--requests-per-client 2] [--server-args "--precision fp16 ..."]
-//!  [--variants "precision=fp32,graphs=0,pinned=off;precision=fp16"] [--json OUT]`
+//!  [--variants "precision=fp32,graphs=0,pinned=off;precision=fp16"] [--json OUT]
+//!  [--passes-on-stdin]`
+//!
+//! `--passes-on-stdin` makes it a timing peer for another program (`models/peers.py`,
+//! which interleaves it with the other runtimes round by round): after loading and the
+//! untimed passes it prints `ready`, then runs one timed pass per line read from stdin
+//! and prints the engine thread's milliseconds, until stdin ends.
 //!
 //! (c) runs the engine as `serve` configures it by default. `--variants` adds
 //! an A/B of engine configurations in the same run: every variant is loaded
@@ -50,6 +56,7 @@ struct Options {
     server_args: Vec<String>,
     variants: Vec<String>,
     json: Option<PathBuf>,
+    passes_on_stdin: bool,
 }
 
 fn options() -> Options {
@@ -70,6 +77,7 @@ fn options() -> Options {
         server_args: Vec::new(),
         variants: Vec::new(),
         json: None,
+        passes_on_stdin: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -98,6 +106,7 @@ fn options() -> Options {
             "--variants" => {
                 o.variants = value().split(';').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect()
             }
+            "--passes-on-stdin" => o.passes_on_stdin = true,
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -184,6 +193,9 @@ fn main() {
     // (c) The engine alone: decoded pair in, disparity out, no HTTP, as `serve` configures it.
     let pair =
         StereoPair::new(decode_rgb(&left_png, u64::MAX).unwrap(), decode_rgb(&right_png, u64::MAX).unwrap()).unwrap();
+    if o.passes_on_stdin {
+        return runtime.block_on(passes_on_stdin(&o, pair));
+    }
     let engine_result = runtime.block_on(async {
         let engine = Engine::start(engine_config(&o, "")).unwrap();
         let info = engine.wait_ready().await.expect("model loads");
@@ -228,6 +240,26 @@ fn main() {
         std::fs::write(path, format!("{text}\n")).unwrap();
     }
     println!("{text}");
+}
+
+/// One timed pass per line of stdin, its engine-thread milliseconds printed as a
+/// line, after `ready`: the other program decides when each pass runs.
+async fn passes_on_stdin(o: &Options, pair: StereoPair) {
+    use std::io::{BufRead, Write};
+    let engine = Engine::start(engine_config(o, "")).unwrap();
+    engine.wait_ready().await.expect("model loads");
+    for _ in 0..3 {
+        engine.predict(pair.clone()).await.unwrap();
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "ready").and_then(|()| stdout.flush()).expect("stdout");
+    for line in std::io::stdin().lock().lines() {
+        line.expect("stdin");
+        let prediction = engine.predict(pair.clone()).await.unwrap();
+        writeln!(stdout, "{:.3}", prediction.inference.as_secs_f64() * 1000.0)
+            .and_then(|()| stdout.flush())
+            .expect("stdout");
+    }
 }
 
 /// The engine configuration `serve` would use with these options, then the
