@@ -298,14 +298,15 @@ fn deflate_per_strip(
 ) {
     use rayon::prelude::*;
     type Deflate = fn(&[u8], bool) -> Vec<u8>;
-    fn zlib_rs(level: i32, strategy: zlib_rs::Strategy, input: &[u8], last: bool) -> Vec<u8> {
-        let config = zlib_rs::DeflateConfig { level, window_bits: -15, strategy, ..Default::default() };
+    fn zlib_rs(level: i32, strategy: zlib_rs::Strategy, mem_level: i32, input: &[u8], last: bool) -> Vec<u8> {
+        let config = zlib_rs::DeflateConfig { level, window_bits: -15, strategy, mem_level, ..Default::default() };
         let mut compressor = zlib_rs::Deflate::new_with_config(config);
-        let mut out = vec![0; zlib_rs::compress_bound(input.len()) + 16];
+        let mut out = Vec::with_capacity(zlib_rs::compress_bound(input.len()) + 16);
         let flush = if last { zlib_rs::DeflateFlush::Finish } else { zlib_rs::DeflateFlush::SyncFlush };
-        compressor.compress(input, &mut out, flush).expect("room for the whole strip");
+        compressor.compress_uninit(input, out.spare_capacity_mut(), flush).expect("room for the whole strip");
         assert_eq!(compressor.total_in(), input.len() as u64);
-        out.truncate(compressor.total_out() as usize);
+        // SAFETY: zlib-rs wrote the first total_out bytes of the spare capacity.
+        unsafe { out.set_len(compressor.total_out() as usize) };
         out
     }
     fn miniz(level: u8, rle: bool, input: &[u8], last: bool) -> Vec<u8> {
@@ -319,11 +320,17 @@ fn deflate_per_strip(
         out.truncate(written);
         out
     }
-    let candidates: [(&str, Deflate); 6] = [
-        ("zlib-rs level 1", |i, l| zlib_rs(1, zlib_rs::Strategy::Default, i, l)),
-        ("zlib-rs level 2", |i, l| zlib_rs(2, zlib_rs::Strategy::Default, i, l)),
-        ("zlib-rs level 3", |i, l| zlib_rs(3, zlib_rs::Strategy::Default, i, l)),
-        ("zlib-rs rle", |i, l| zlib_rs(1, zlib_rs::Strategy::Rle, i, l)),
+    use zlib_rs::Strategy::{Default as Plain, HuffmanOnly, Rle};
+    let candidates: [(&str, Deflate); 11] = [
+        ("zlib-rs level 1", |i, l| zlib_rs(1, Plain, 8, i, l)),
+        ("zlib-rs level 2", |i, l| zlib_rs(2, Plain, 8, i, l)),
+        ("zlib-rs level 3", |i, l| zlib_rs(3, Plain, 8, i, l)),
+        ("zlib-rs rle", |i, l| zlib_rs(1, Rle, 8, i, l)),
+        ("zlib-rs huffman only", |i, l| zlib_rs(1, HuffmanOnly, 8, i, l)),
+        ("zlib-rs level 1 mem 9", |i, l| zlib_rs(1, Plain, 9, i, l)),
+        ("zlib-rs level 2 mem 9", |i, l| zlib_rs(2, Plain, 9, i, l)),
+        ("zlib-rs rle mem 9", |i, l| zlib_rs(1, Rle, 9, i, l)),
+        ("zlib-rs huffman only mem 9", |i, l| zlib_rs(1, HuffmanOnly, 9, i, l)),
         ("miniz_oxide level 1", |i, l| miniz(1, false, i, l)),
         ("miniz_oxide rle", |i, l| miniz(1, true, i, l)),
     ];
