@@ -39,21 +39,22 @@ import psmnet
 from reference import load_model
 
 
-def cpu_name() -> str:
+def cpuinfo_field(name: str) -> str | None:
+    """The first `name` line of /proc/cpuinfo (its value), or None."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
+        if line.startswith(name):
             return line.split(":", 1)[1].strip()
-    return platform.processor()
+    return None
+
+
+def cpu_name() -> str:
+    return cpuinfo_field("model name") or platform.processor()
 
 
 def cpu_vector_isa() -> str:
     """The widest x86 vector extension the CPU reports: oneDNN (both libtorch's and
     OpenVINO's) picks its convolution kernels by it, so ratios are per kind of CPU."""
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = set((cpuinfo_field("flags") or "").split())
     for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX-512 with bf16"), ("avx512f", "AVX-512"),
                        ("avx2", "AVX2")):
         if flag in flags:

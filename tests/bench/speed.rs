@@ -39,7 +39,7 @@ use loadgen::{multipart, ServerProcess};
 use serde_json::json;
 use stereo_recon::config::Cli;
 use stereo_recon::decode::decode_rgb;
-use stereo_recon::engine::{buffer_pool, Engine, EngineConfig, Prediction, StereoPair};
+use stereo_recon::engine::{buffer_pool, Engine, EngineConfig, ModelInfo, Prediction, StereoPair};
 
 struct Options {
     device: String,
@@ -197,14 +197,7 @@ fn main() {
         return runtime.block_on(passes_on_stdin(&o, pair));
     }
     let engine_result = runtime.block_on(async {
-        let engine = Engine::start(engine_config(&o, "")).unwrap();
-        let info = engine.wait_ready().await.expect("model loads");
-        // Untimed passes at this size, as models/bench.py does for (a) and (b): cuDNN
-        // autotuning and allocator growth, TorchScript's profiling executor optimising,
-        // then (on CUDA) recording the shape's graph.
-        for _ in 0..3 {
-            engine.predict(pair.clone()).await.unwrap();
-        }
+        let (engine, info) = warmed_engine(&o, "", &pair).await;
         let watch = MemoryWatch::start(std::process::id(), gpu);
         let (mut total, mut inference, mut phases) = (Vec::new(), Vec::new(), Phases::default());
         for _ in 0..o.iters {
@@ -246,11 +239,7 @@ fn main() {
 /// line, after `ready`: the other program decides when each pass runs.
 async fn passes_on_stdin(o: &Options, pair: StereoPair) {
     use std::io::{BufRead, Write};
-    let engine = Engine::start(engine_config(o, "")).unwrap();
-    engine.wait_ready().await.expect("model loads");
-    for _ in 0..3 {
-        engine.predict(pair.clone()).await.unwrap();
-    }
+    let (engine, _) = warmed_engine(o, "", &pair).await;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "ready").and_then(|()| stdout.flush()).expect("stdout");
     for line in std::io::stdin().lock().lines() {
@@ -260,6 +249,20 @@ async fn passes_on_stdin(o: &Options, pair: StereoPair) {
             .and_then(|()| stdout.flush())
             .expect("stdout");
     }
+}
+
+/// The engine of `variant` ("" for `serve`'s configuration), loaded, after the
+/// untimed passes at this size that models/bench.py also runs for (a) and (b):
+/// cuDNN autotuning and allocator growth, TorchScript's profiling executor
+/// optimising, then (on CUDA) recording the shape's graph.
+async fn warmed_engine(o: &Options, variant: &str, pair: &StereoPair) -> (Engine, Arc<ModelInfo>) {
+    let engine = Engine::start(engine_config(o, variant)).unwrap();
+    let info =
+        engine.wait_ready().await.unwrap_or_else(|e| panic!("variant {variant:?}: the model does not load: {e}"));
+    for _ in 0..3 {
+        engine.predict(pair.clone()).await.unwrap();
+    }
+    (engine, info)
 }
 
 /// The engine configuration `serve` would use with these options, then the
@@ -327,11 +330,7 @@ impl Phases {
 async fn engine_variants(o: &Options, pair: &StereoPair) -> serde_json::Value {
     let mut engines = Vec::new();
     for variant in &o.variants {
-        let engine = Engine::start(engine_config(o, variant)).unwrap();
-        let info = engine.wait_ready().await.unwrap_or_else(|e| panic!("variant {variant}: {e}"));
-        for _ in 0..3 {
-            engine.predict(pair.clone()).await.unwrap();
-        }
+        let (engine, info) = warmed_engine(o, variant, pair).await;
         let first = engine.predict(pair.clone()).await.unwrap().disparity;
         engines.push((variant, info, engine, first, Vec::new(), Phases::default()));
     }
